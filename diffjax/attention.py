@@ -1,0 +1,224 @@
+"""Differential attention (DIFF V1 and V2) and the baseline multi-head attention, with switchable kernels.
+
+Tensor names carry their shapes: B batch, T query length, S key length, E model width, D head width,
+H differential heads, G kv groups, R query heads per kv group (GQA), N query heads, K kv heads.
+Every kernel path computes the same function; `xla` is the reference on every platform.
+"""
+
+import functools
+import logging
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffjax.config import ModelConfig
+from diffjax.errors import ConfigError
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def lambda_init_for(layer: int) -> float:
+  """λ_init of the paper for the 0-based layer index `layer`."""
+  return 0.8 - 0.6 * math.exp(-0.3 * layer)
+
+
+def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
+  """Rotary embedding over the last axis; `interleaved` rotates channels (0,1),(2,3)..., `half` (i, i + D/2)."""
+  dim = x_BxTxNxD.shape[-1]
+  inv_freq_F = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angle_BxTx1xF = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxTx1xF), jnp.cos(angle_BxTx1xF)
+  x = x_BxTxNxD.astype(jnp.float32)
+  if pairing == 'interleaved':
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(x.shape)
+  else:
+    first, second = x[..., : dim // 2], x[..., dim // 2:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x_BxTxNxD.dtype)
+
+
+def _causal_softmax(logits_xTxS):
+  """float32 softmax over the last axis with a causal mask (query t sees keys s <= t)."""
+  t, s = logits_xTxS.shape[-2:]
+  causal_TxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+  return jax.nn.softmax(jnp.where(causal_TxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
+
+
+_warned = set()
+
+
+def resolve_impl(requested: str, dtype, head_dim: int) -> str:
+  """Maps `auto` to the fastest kernel that can run here; checks that an explicit choice can run at all."""
+  on_gpu = jax.default_backend() == 'gpu'
+  half_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  cudnn_ok = on_gpu and half_precision and head_dim % 8 == 0 and head_dim <= 128
+  if requested == 'cudnn' and not cudnn_ok:
+    reason = ('there is no GPU' if not on_gpu else 'it needs model.dtype bfloat16 or float16' if not half_precision
+              else 'it needs a head width that is a multiple of 8 and at most 128')
+    raise ConfigError(f"model.attention_impl: 'cudnn' cannot run here ({reason}); use 'auto' or 'xla'")
+  if requested != 'auto':
+    return requested
+  if cudnn_ok:
+    return 'cudnn'
+  if on_gpu and 'auto' not in _warned:
+    _warned.add('auto')
+    logging.warning('attention_impl=auto: cuDNN flash attention needs bf16/fp16 and head width <= 128 '
+                    '(multiple of 8); falling back to the XLA path')
+  return 'xla'
+
+
+def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str):
+  """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32."""
+  scale = q_BxTxNxD.shape[-1] ** -0.5
+  if impl == 'cudnn':
+    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=True,
+                                        implementation='cudnn').astype(jnp.float32)
+  b, t, n, d = q_BxTxNxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q_BxTxKxRxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
+  logits = jnp.einsum('btkrd,bskd->bkrts', q_BxTxKxRxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+  probs_BxKxRxTxS = _causal_softmax(logits * scale)
+  out = jnp.einsum('bkrts,bskd->btkrd', probs_BxKxRxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, d)
+
+
+def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str):
+  """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
+
+  Query sub-heads 2h and 2h+1 are (q1, q2) of differential head h, and the same for keys; q1 meets k1 and q2
+  meets k2 of the same kv group h // R (the reference's flash semantics).
+  """
+  b, t, two_h, d = q_BxTx2HxD.shape
+  heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
+  scale = d ** -0.5
+  if impl == 'cudnn':
+    # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1
+    # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
+    q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
+    k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)
+    halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
+    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), impl)
+                    for half in halves)
+    a1v = jnp.concatenate([out_a[:, :, :heads], out_b[:, :, :heads]], axis=-1)
+    a2v = jnp.concatenate([out_a[:, :, heads:], out_b[:, :, heads:]], axis=-1)
+    return a1v - lam * a2v
+  q_BxTxGxRx2xD = q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d)
+  k_BxSxGx2xD = k_BxSx2GxD.reshape(b, -1, groups, 2, d)
+  logits = jnp.einsum('btgrcd,bsgcd->bgrcts', q_BxTxGxRx2xD, k_BxSxGx2xD, preferred_element_type=jnp.float32)
+  probs_BxGxRx2xTxS = _causal_softmax(logits * scale)
+  out_BxTxGxRx2x2D = jnp.einsum('bgrcts,bsge->btgrce', probs_BxGxRx2xTxS.astype(v_BxSxGx2D.dtype), v_BxSxGx2D,
+                                preferred_element_type=jnp.float32)
+  # The subtraction comes after both softmaxes, never on the logits.
+  out = out_BxTxGxRx2x2D[..., 0, :] - lam * out_BxTxGxRx2x2D[..., 1, :]
+  return out.reshape(b, t, heads, 2 * d)
+
+
+LAMBDA_VECTORS = ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')
+
+
+def reparameterised_lambda(attn_params, layer: int):
+  """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init in float32; one scalar shared by all heads of the layer."""
+  p = {n: jnp.asarray(attn_params[n], jnp.float32) for n in LAMBDA_VECTORS}
+  return (jnp.exp(jnp.sum(p['lambda_q1'] * p['lambda_k1'])) - jnp.exp(jnp.sum(p['lambda_q2'] * p['lambda_k2']))
+          + lambda_init_for(layer))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis with a learnable scale (ones at init); computes and returns float32."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+
+
+def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float = 0.02):
+  """A bias-free projection with float32 parameters, computing in cfg's dtype."""
+  return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes))
+
+
+def output_stddev(cfg: ModelConfig) -> float:
+  # Residual-branch outputs are scaled down with depth so the residual stream's variance stays O(1) at init.
+  return 0.02 / math.sqrt(2 * cfg.n_layers)
+
+
+def _qk(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, n_k: int):
+  """Projects and rotates queries (B, T, n_q, D) and keys (B, T, n_k, D)."""
+  b, t, _ = x_BxTxE.shape
+  d = cfg.head_dim
+  q = dense(cfg, n_q * d, ('embed', 'heads'), 'q_proj')(x_BxTxE).reshape(b, t, n_q, d)
+  k = dense(cfg, n_k * d, ('embed', 'kv'), 'k_proj')(x_BxTxE).reshape(b, t, n_k, d)
+  rope = functools.partial(apply_rope, positions_BxT=positions_BxT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+  return rope(q), rope(k)
+
+
+class DiffAttentionV1(nn.Module):
+  """DIFF V1: n_heads/2 differential heads, λ re-parameterised per layer, per-head RMSNorm, ×(1 − λ_init)."""
+  cfg: ModelConfig
+  layer: int
+
+  def lam(self):
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.1), ('head_dim',))
+    return reparameterised_lambda({n: self.param(n, init, (self.cfg.head_dim,), jnp.float32) for n in LAMBDA_VECTORS},
+                                  self.layer)
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT):
+    cfg = self.cfg
+    b, t, e = x_BxTxE.shape
+    d, heads = cfg.head_dim, cfg.n_heads // 2
+    q_BxTx2HxD, k_BxTx2GxD = _qk(cfg, x_BxTxE, positions_BxT, cfg.n_heads, cfg.kv_heads)
+    v_BxTxGx2D = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, 2 * d)
+    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
+    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D, self.lam(), impl)
+    out_BxTxHx2D = RMSNorm(cfg.norm_eps, name='subln')(out_BxTxHx2D) * (1.0 - lambda_init_for(self.layer))
+    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
+        out_BxTxHx2D.reshape(b, t, heads * 2 * d))
+
+
+class DiffAttentionV2(nn.Module):
+  """DIFF V2: 2·n_heads query heads in adjacent pairs, one attention call, per-token λ = sigmoid(W_λ x)."""
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT):
+    cfg = self.cfg
+    b, t, e = x_BxTxE.shape
+    d, heads = cfg.head_dim, cfg.n_heads
+    q_BxTx2HxD, k_BxTxKxD = _qk(cfg, x_BxTxE, positions_BxT, 2 * heads, cfg.kv_heads)
+    v_BxTxKxD = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, d)
+    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
+    # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
+    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD, impl)
+    lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
+    out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
+    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
+
+
+class MultiHeadAttention(nn.Module):
+  """The baseline: causal multi-head (or grouped-query) softmax attention."""
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT):
+    cfg = self.cfg
+    b, t, e = x_BxTxE.shape
+    d = cfg.head_dim
+    q_BxTxNxD, k_BxTxKxD = _qk(cfg, x_BxTxE, positions_BxT, cfg.n_heads, cfg.kv_heads)
+    v_BxTxKxD = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, d)
+    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
+    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, impl)
+    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
+
+
+ATTENTION_BY_VARIANT = {'diff_v1': DiffAttentionV1, 'diff_v2': DiffAttentionV2, 'baseline': MultiHeadAttention}

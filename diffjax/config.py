@@ -1,0 +1,93 @@
+"""The model's hyper-parameters as one frozen dataclass, checked before anything is compiled."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from diffjax.errors import ConfigError
+
+VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ROPE_PAIRINGS = ('interleaved', 'half')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only language model.
+
+  Heads are counted as the baseline Transformer's, so the three variants share width, head width and
+  (up to the small λ and norm vectors) parameter count:
+    baseline: `n_heads` heads of width `head_dim = d_model // n_heads`;
+    diff_v1:  `n_heads // 2` differential heads, each two q/k sub-heads of `head_dim` and a value of 2*head_dim;
+    diff_v2:  `2 * n_heads` query heads paired into `n_heads` differential heads, `n_kv_heads` k/v heads.
+  """
+  vocab_size: int = 258
+  d_model: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  n_kv_heads: int | None = None  # None: as many as n_heads (no GQA)
+  d_ff: int = 1792
+  max_len: int = 2048
+  variant: str = 'diff_v1'
+  attention_impl: str = 'auto'
+  rope_theta: float = 10000.0
+  rope_pairing: str = 'interleaved'
+  tie_embeddings: bool = False
+  dtype: str = 'bfloat16'  # compute dtype; parameters, softmax and λ stay float32
+  norm_eps: float = 1e-5
+  remat: bool = False  # recompute each block in the backward pass to save activation memory
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_dict(cls, values) -> 'ModelConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f'model.{unknown[0]}: unknown key; known keys are {", ".join(sorted(known))}')
+    return cls(**dict(values)).validated()
+
+  def validated(self) -> 'ModelConfig':
+    """Returns self, or raises ConfigError naming the first bad key and its fix."""
+    def need(ok, key, message):
+      if not ok:
+        raise ConfigError(f'model.{key}: {message}')
+
+    need(self.variant in VARIANTS, 'variant', f'unknown variant {self.variant!r}; use one of {", ".join(VARIANTS)}')
+    need(self.attention_impl in ATTENTION_IMPLS, 'attention_impl',
+         f'unknown implementation {self.attention_impl!r}; use one of {", ".join(ATTENTION_IMPLS)}')
+    need(self.rope_pairing in ROPE_PAIRINGS, 'rope_pairing',
+         f'unknown pairing {self.rope_pairing!r}; use one of {", ".join(ROPE_PAIRINGS)}')
+    need(self.dtype in DTYPES, 'dtype', f'unknown dtype {self.dtype!r}; use one of {", ".join(DTYPES)}')
+    for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'max_len'):
+      need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key,
+           f'must be a positive integer, got {getattr(self, key)!r}')
+    need(self.kv_heads > 0, 'n_kv_heads', f'must be a positive integer, got {self.n_kv_heads!r}')
+    need(self.rope_theta > 0, 'rope_theta', f'must be positive, got {self.rope_theta}')
+    need(self.norm_eps > 0, 'norm_eps', f'must be positive, got {self.norm_eps}')
+    need(self.d_model % self.n_heads == 0, 'd_model',
+         f'{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple of n_heads')
+    need(self.n_heads % self.kv_heads == 0, 'n_kv_heads',
+         f'{self.kv_heads} does not divide model.n_heads={self.n_heads}; use a divisor of n_heads')
+    if self.variant == 'diff_v1':
+      need(self.n_heads % 2 == 0, 'n_heads',
+           f'diff_v1 pairs the baseline heads into n_heads/2 differential heads, so n_heads={self.n_heads} '
+           'must be even')
+      need(self.kv_heads % 2 == 0, 'n_kv_heads',
+           f'diff_v1 pairs kv heads too, so n_kv_heads={self.kv_heads} must be even')
+    need(self.head_dim % 2 == 0, 'd_model',
+         f'head width d_model/n_heads={self.d_model}/{self.n_heads} is odd; RoPE rotates pairs of channels, '
+         'so make it even')
+    return self

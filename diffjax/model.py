@@ -1,0 +1,95 @@
+"""The decoder-only language model: pre-RMSNorm blocks of (differential) attention and a SwiGLU FFN."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
+from diffjax.config import ModelConfig
+
+ACTIVATION_AXES = ('batch', 'length', 'act_embed')
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE):
+    cfg = self.cfg
+    gate_BxTxF = dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'gate_proj')(x_BxTxE)
+    up_BxTxF = dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'up_proj')(x_BxTxE)
+    return dense(cfg, cfg.d_model, ('mlp', 'embed'), 'down_proj', output_stddev(cfg))(nn.silu(gate_BxTxF) * up_BxTxF)
+
+
+class Block(nn.Module):
+  """x + Attn(norm(x)), then x + SwiGLU(norm(x)); the residual stream stays float32."""
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT):
+    cfg = self.cfg
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
+    attention = ATTENTION_BY_VARIANT[cfg.variant](cfg, self.layer, name='attn')
+    x_BxTxE = x_BxTxE + attention(RMSNorm(cfg.norm_eps, name='attn_norm')(x_BxTxE), positions_BxT)
+    x_BxTxE = x_BxTxE + SwiGLU(cfg, name='ffn')(RMSNorm(cfg.norm_eps, name='ffn_norm')(x_BxTxE))
+    return nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
+
+
+class Transformer(nn.Module):
+  """tokens (B, T) int -> logits (B, T, vocab) float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT=None):
+    cfg = self.cfg
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
+    x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
+    block = nn.remat(Block) if cfg.remat else Block
+    for layer in range(cfg.n_layers):
+      x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT)
+    x_BxTxE = RMSNorm(cfg.norm_eps, name='final_norm')(x_BxTxE).astype(cfg.compute_dtype)
+    if cfg.tie_embeddings:
+      logits_BxTxV = embed.attend(x_BxTxE)
+    else:
+      logits_BxTxV = dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BxTxE)
+    return logits_BxTxV.astype(jnp.float32)
+
+
+def abstract_params(cfg: ModelConfig):
+  """Parameter shapes (with their logical partitioning boxes) without allocating anything."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+def lambdas(cfg: ModelConfig, params) -> list | None:
+  """DIFF V1's λ of every layer, from the `params` collection (V2's λ is per token; the baseline has none)."""
+  if cfg.variant != 'diff_v1':
+    return None
+  params = nn.meta.unbox(params)
+  return [reparameterised_lambda(params[f'block_{layer}']['attn'], layer) for layer in range(cfg.n_layers)]
+
+
+def summary(cfg: ModelConfig) -> str:
+  """A printable table: every parameter's path, shape, logical axes and count, then the total."""
+  boxed = abstract_params(cfg)['params']
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    shape = leaf.value.shape if isinstance(leaf, nn.Partitioned) else leaf.shape
+    axes = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    rows.append((name, str(tuple(shape)), str(tuple(axes)), int(np.prod(shape))))
+  width = max(len(r[0]) for r in rows)
+  lines = [f'{cfg.variant} model: {cfg.n_layers} layers, width {cfg.d_model}, {cfg.n_heads} heads (baseline count), '
+           f'head width {cfg.head_dim}, kv heads {cfg.kv_heads}, FFN {cfg.d_ff}, vocab {cfg.vocab_size}']
+  lines += [f'{n:<{width}}  {s:<16} {a:<22} {c:>12,}' for n, s, a, c in rows]
+  lines.append(f'{"total":<{width}}  {"":<16} {"":<22} {sum(r[3] for r in rows):>12,}')
+  return '\n'.join(lines)
