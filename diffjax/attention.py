@@ -154,6 +154,8 @@ def _qk(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, n_k: int):
   """Projects and rotates queries (B, T, n_q, D) and keys (B, T, n_k, D)."""
   b, t, _ = x_BxTxE.shape
   d = cfg.head_dim
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
   q = dense(cfg, n_q * d, ('embed', 'heads'), 'q_proj')(x_BxTxE).reshape(b, t, n_q, d)
   k = dense(cfg, n_k * d, ('embed', 'kv'), 'k_proj')(x_BxTxE).reshape(b, t, n_k, d)
   rope = functools.partial(apply_rope, positions_BxT=positions_BxT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
@@ -171,7 +173,7 @@ class DiffAttentionV1(nn.Module):
                                   self.layer)
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT):
+  def __call__(self, x_BxTxE, positions_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads // 2
@@ -190,7 +192,7 @@ class DiffAttentionV2(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT):
+  def __call__(self, x_BxTxE, positions_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads
@@ -210,7 +212,7 @@ class MultiHeadAttention(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT):
+  def __call__(self, x_BxTxE, positions_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d = cfg.head_dim
