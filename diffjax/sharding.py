@@ -3,8 +3,7 @@
 import math
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from diffjax.errors import ConfigError
 
@@ -45,8 +44,5 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except (AssertionError, ValueError, NotImplementedError):  # topologies the helper does not know
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  # Auto axes: the compiler propagates shardings from the parameters and the constraints at block edges.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

@@ -1,0 +1,64 @@
+"""Every config key with its default. Files in `configs/` start from `base_config()` and change what they need."""
+
+import dataclasses
+
+import ml_collections
+
+from diffjax.config import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from diffjax.data import default_data_config  # the data module owns its keys
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
+  c.model.n_kv_heads = 0  # 0: as many as n_heads (no GQA)
+
+  c.data = default_data_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seq_len = 2048
+  c.train.global_batch_size = 8  # sequences per optimizer step, over all devices
+  c.train.microbatches = 1  # gradient accumulation: the batch is split into this many sequential pieces
+  c.train.steps = 10_000
+  c.train.learning_rate = 6e-4
+  c.train.warmup_steps = 120
+  c.train.decay = 'cosine'  # cosine | linear | constant
+  c.train.end_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
+  c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss
+  c.train.on_nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
+
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the remaining devices
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+  c.checkpoint.init_from = ''  # a checkpoint directory (or a workdir) whose parameters start this run
+  c.checkpoint.allow_config_change = False  # resume even if the workdir's run had another model/data config
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 10
+  c.log.eval_every_steps = 500
+  c.log.eval_batches = 16
+  c.log.progress_bar = True
+  c.log.peak_flops_per_device = 0.0  # 0: looked up from the device kind (for MFU)
+  c.log.sample_prompt = 'def '
+  c.log.sample_tokens = 200
+  c.log.sample_temperature = 0.8
+  return c
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The validated ModelConfig of a run, with the 0 placeholders resolved."""
+  values = config.model.to_dict()
+  values['vocab_size'] = values['vocab_size'] or -(-vocab_size // 128) * 128
+  values['n_kv_heads'] = values['n_kv_heads'] or None
+  return ModelConfig.from_dict(values)

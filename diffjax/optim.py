@@ -1,0 +1,36 @@
+"""AdamW with linear warmup, cosine/linear decay and global-norm clipping, as one optax chain."""
+
+import jax
+import optax
+
+from diffjax.attention import LAMBDA_VECTORS
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """0 -> peak linearly over `warmup_steps`, then decays to `peak * end_lr_ratio` at `steps`."""
+  peak, end = train_cfg.learning_rate, train_cfg.learning_rate * train_cfg.end_lr_ratio
+  warmup = optax.linear_schedule(0.0, peak, train_cfg.warmup_steps)
+  decay_steps = train_cfg.steps - train_cfg.warmup_steps
+  decay = {
+      'cosine': lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.end_lr_ratio),
+      'linear': lambda: optax.linear_schedule(peak, end, decay_steps),
+      'constant': lambda: optax.constant_schedule(peak),
+  }[train_cfg.decay]()
+  return optax.join_schedules([warmup, decay], [train_cfg.warmup_steps])
+
+
+def decay_mask(params):
+  """True for the weights AdamW decays: every matrix. Norm scales and the λ vectors are left alone."""
+  def decays(path, leaf):
+    name = getattr(path[-1], 'key', str(path[-1]))
+    return leaf.ndim >= 2 and name not in LAMBDA_VECTORS
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity()
+  return optax.chain(
+      clip,
+      optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask),
+  )

@@ -1,0 +1,136 @@
+"""Tokenizers: UTF-8 bytes, or a SentencePiece model trained on the training split."""
+
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from etils import epath
+import sentencepiece as spm
+
+from diffjax.errors import ConfigError
+
+
+class Tokenizer(Protocol):
+  """What the input pipeline and the sampler need from a tokenizer."""
+
+  vocab_size: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; EOS, PAD and unknown ids are dropped, never raising."""
+    ...
+
+
+class ByteTokenizer:
+  """One token per UTF-8 byte (ids 0..255), then EOS and PAD: no training, no unknown tokens."""
+
+  vocab_size = 258
+  eos_id = 256
+  pad_id = 257
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8'))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    data = bytes(int(i) for i in ids if 0 <= i < 256)
+    # A model can emit a truncated or invalid multi-byte sequence; show it rather than fail.
+    return data.decode('utf-8', errors='replace')
+
+
+# Fixed ids so a model's embedding rows mean the same thing for every trained vocabulary.
+_SP_PAD_ID, _SP_EOS_ID, _SP_UNK_ID = 0, 1, 2
+# 256 byte-fallback pieces, the three ids above and the newline piece.
+SP_MIN_VOCAB_SIZE = 256 + 3 + 1
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece unigram model that reproduces its input text exactly.
+
+  Byte fallback spells any character outside the learned vocabulary as UTF-8 bytes, and the identity
+  normalization keeps whitespace and newlines as they are, which code and prose with line structure need.
+  """
+
+  def __init__(self, model_proto: bytes):
+    self._model_proto = model_proto
+    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._processor.vocab_size()
+    self.eos_id = self._processor.eos_id()
+    self.pad_id = self._processor.pad_id()
+
+  @classmethod
+  def train(cls, texts: Iterable[str], *, vocab_size: int) -> 'SentencePieceTokenizer':
+    """Learns a vocabulary of `vocab_size` pieces from `texts`; raises ConfigError if it cannot."""
+    if vocab_size < SP_MIN_VOCAB_SIZE:
+      raise ConfigError(f'data.sp_vocab_size: {vocab_size} is too small; the byte-fallback model needs at '
+                        f'least {SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=_training_lines(texts),
+          model_writer=model,
+          vocab_size=vocab_size,
+          model_type='unigram',
+          normalization_rule_name='identity',
+          remove_extra_whitespaces=False,
+          byte_fallback=True,
+          allow_whitespace_only_pieces=True,
+          split_digits=True,
+          user_defined_symbols=['\n'],
+          pad_id=_SP_PAD_ID,
+          eos_id=_SP_EOS_ID,
+          unk_id=_SP_UNK_ID,
+          bos_id=-1,
+          max_sentence_length=1 << 16,
+          num_threads=os.cpu_count() or 1,
+          minloglevel=2,
+      )
+    except RuntimeError as e:
+      raise ConfigError(_vocab_size_error(vocab_size, str(e))) from e
+    return cls(model.getvalue())
+
+  @classmethod
+  def load(cls, path: epath.PathLike) -> 'SentencePieceTokenizer':
+    return cls(epath.Path(path).read_bytes())
+
+  def save(self, path: epath.PathLike) -> None:
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a crash never leaves a truncated model for a resumed run to load.
+    partial = path.parent / f'{path.name}.partial'
+    partial.write_bytes(self._model_proto)
+    partial.replace(path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    # The processor turns control ids (PAD, EOS) into nothing but rejects ids outside the vocabulary.
+    return self._processor.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+
+def _training_lines(texts: Iterable[str]) -> Iterable[str]:
+  # The trainer learns from single lines; the newline itself is the user-defined piece.
+  for text in texts:
+    for line in text.split('\n'):
+      if line:
+        yield line
+
+
+def _vocab_size_error(vocab_size: int, trainer_message: str) -> str:
+  """One actionable line from the trainer's multi-line complaint about the vocabulary size."""
+  too_small = re.search(r'smaller than required_chars\. \d+ vs (\d+)', trainer_message)
+  if too_small:
+    return (f'data.sp_vocab_size: {vocab_size} is too small for the characters of this corpus; '
+            f'use at least {too_small.group(1)}')
+  too_large = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', trainer_message)
+  if too_large:
+    return (f'data.sp_vocab_size: {vocab_size} is more pieces than the training text supports; use at most '
+            f'{too_large.group(1)}, or give the trainer more text (data.sp_train_chars, a larger corpus)')
+  first_line = trainer_message.strip().splitlines()[0] if trainer_message.strip() else 'unknown error'
+  return f'data.sp_vocab_size: SentencePiece training failed with vocab_size={vocab_size}: {first_line}'

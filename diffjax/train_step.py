@@ -1,0 +1,133 @@
+"""The compiled pieces of training: sharded state creation, the train step and the eval step."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffjax import model as model_lib
+from diffjax.config import ModelConfig
+from diffjax.sharding import LOGICAL_AXIS_RULES
+
+BATCH_AXES = ('data', 'fsdp')
+State = dict[str, Any]  # {'step', 'params', 'opt_state', 'nonfinite_steps', 'first_nonfinite_step'}
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
+  """Shardings of the train state, from the logical axes each parameter was created with."""
+  boxed = model_lib.abstract_params(cfg)['params']
+  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
+  abstract_opt = jax.eval_shape(tx.init, nn.meta.unbox(boxed))
+  replicated = NamedSharding(mesh, P())
+  opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  return {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings,
+          'nonfinite_steps': replicated, 'first_nonfinite_step': replicated}
+
+
+def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> State:
+  """Creates the train state directly in its shards: no device ever holds a full copy first."""
+  def create():
+    params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params['params'], 'opt_state': tx.init(params['params']),
+            'nonfinite_steps': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
+  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    return jax.jit(create, out_shardings=state_shardings(cfg, tx, mesh))()
+
+
+def token_losses(cfg: ModelConfig, params, batch, z_loss: float):
+  """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing."""
+  logits_BxTxV = model_lib.Transformer(cfg).apply({'params': params}, batch['inputs'])
+  mask_BxT = batch['mask'].astype(jnp.float32)
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
+  z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
+  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(z_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def _split_microbatches(batch, microbatches: int):
+  """(B, ...) -> (k, B/k, ...): microbatch i takes rows i, i+k, ..., so each stays spread over the batch shards."""
+  def split(x):
+    x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch'))
+  return jax.tree.map(split, batch)
+
+
+def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -> tuple[State, dict]:
+  """One optimizer step over the global batch, accumulating gradients over `train_cfg.microbatches`."""
+  def loss_sums(params, microbatch):
+    ce, z, tokens = token_losses(cfg, params, microbatch, train_cfg.z_loss)
+    return ce + z, (ce, tokens)
+
+  def accumulate(carry, microbatch):
+    grads, ce_sum, token_sum = carry
+    (_, (ce, tokens)), micro_grads = jax.value_and_grad(loss_sums, has_aux=True)(state['params'], microbatch)
+    return (jax.tree.map(jnp.add, grads, micro_grads), ce_sum + ce, token_sum + tokens), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state['params'])
+  (grad_sums, ce_sum, token_sum), _ = jax.lax.scan(
+      accumulate, (zeros, 0.0, 0.0), _split_microbatches(batch, train_cfg.microbatches))
+  # Dividing the summed gradient by the global token count makes k microbatches equal one big batch.
+  denominator = jnp.maximum(token_sum, 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grad_sums)
+  loss = ce_sum / denominator
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  # A non-finite step never touches the weights; the host decides whether to stop or carry on.
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {
+      'step': state['step'] + 1,
+      'params': keep_old(params, state['params']),
+      'opt_state': keep_old(opt_state, state['opt_state']),
+      'nonfinite_steps': state['nonfinite_steps'] + (~finite).astype(jnp.int32),
+      'first_nonfinite_step': jnp.where((state['first_nonfinite_step'] < 0) & ~finite, state['step'],
+                                        state['first_nonfinite_step']),
+  }
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']), 'tokens': token_sum,
+             'finite': finite}
+  lambdas = model_lib.lambdas(cfg, new_state['params'])
+  if lambdas is not None:
+    metrics['lambda'] = jnp.stack(lambdas)
+  return new_state, metrics
+
+
+def eval_step(cfg: ModelConfig, params, batch):
+  ce, _, tokens = token_losses(cfg, params, batch, 0.0)
+  return {'loss_sum': ce, 'tokens': tokens}
+
+
+def compile_steps(cfg: ModelConfig, tx, schedule, train_cfg, mesh):
+  """jit-compiled train and eval steps with explicit shardings; the train state is donated."""
+  shardings = state_shardings(cfg, tx, mesh)
+  data = batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(functools.partial(train_step, cfg, tx, schedule, train_cfg),
+                  in_shardings=(shardings, data), out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, cfg), in_shardings=(shardings['params'], data),
+                     out_shardings=replicated)
+  return _in_mesh(train, mesh), _in_mesh(evaluate, mesh)
+
+
+def _in_mesh(fn, mesh):
+  """Traces `fn` where logical activation constraints can resolve against the mesh."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      return fn(*args)
+  wrapped.lower = lambda *args: _lower_in_mesh(fn, mesh, *args)
+  return wrapped
+
+
+def _lower_in_mesh(fn, mesh, *args):
+  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    return fn.lower(*args)
