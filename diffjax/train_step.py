@@ -33,14 +33,23 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
           'nonfinite_steps': replicated, 'first_nonfinite_step': replicated}
 
 
+def new_state(cfg: ModelConfig, tx, seed: int) -> State:
+  params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  return {'step': jnp.zeros((), jnp.int32), 'params': params['params'], 'opt_state': tx.init(params['params']),
+          'nonfinite_steps': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
 def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> State:
   """Creates the train state directly in its shards: no device ever holds a full copy first."""
-  def create():
-    params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params['params'], 'opt_state': tx.init(params['params']),
-            'nonfinite_steps': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
   with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    return jax.jit(create, out_shardings=state_shardings(cfg, tx, mesh))()
+    return jax.jit(functools.partial(new_state, cfg, tx, seed), out_shardings=state_shardings(cfg, tx, mesh))()
+
+
+def abstract_state(cfg: ModelConfig, tx, mesh, seed: int = 0) -> State:
+  """Shapes, dtypes and shardings of the train state, without computing anything (the target of a restore)."""
+  shapes = jax.eval_shape(functools.partial(new_state, cfg, tx, seed))
+  return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+                      state_shardings(cfg, tx, mesh))
 
 
 def token_losses(cfg: ModelConfig, params, batch, z_loss: float):
@@ -94,7 +103,7 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
                                         state['first_nonfinite_step']),
   }
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']), 'tokens': token_sum,
-             'finite': finite}
+             'nonfinite_steps': new_state['nonfinite_steps'], 'first_nonfinite_step': new_state['first_nonfinite_step']}
   lambdas = model_lib.lambdas(cfg, new_state['params'])
   if lambdas is not None:
     metrics['lambda'] = jnp.stack(lambdas)

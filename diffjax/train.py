@@ -1,0 +1,39 @@
+"""Trains a model: `python -m diffjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]`.
+
+Running the same command again resumes from the newest checkpoint in DIR.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffjax import cli, metrics, trainer, validate
+from diffjax.errors import ConfigError
+
+CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
+WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+
+
+@cli.report_errors
+def main(argv):
+  del argv
+  if CONFIG.value is None or WORKDIR.value is None:
+    raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
+  config, workdir = CONFIG.value, os.path.abspath(WORKDIR.value)
+  validate.check_config(config, workdir)
+  run = trainer.Run(config, workdir)
+  summary = run.train()
+  text = run.sample(config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
+  curves = metrics.plot_curves(workdir)
+  trainer.say(f'\nsample after step {summary["step"]}:\n{text}\n')
+  trainer.say(f'checkpoints: {run.checkpoints.directory}\nmetrics: {os.path.join(workdir, "metrics.jsonl")}'
+              + (f'\ncurves: {curves}' if curves else ''))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,187 @@
+"""The training loop: config -> data -> mesh -> sharded state -> compiled step -> checkpoints and metrics."""
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from diffjax import checkpoint as checkpoint_lib
+from diffjax import data as data_lib
+from diffjax import defaults, metrics as metrics_lib, model as model_lib, optim, sampling, sharding, train_step
+from diffjax.errors import ConfigError
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (how TPU VMs and SLURM announce preemption) and Ctrl-C into a request to save and stop."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self.previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self.previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:  # every host must agree on the step at which all of them save
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested.is_set()
+
+  def close(self):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def say(message: str):
+  if jax.process_index() == 0:
+    tqdm.write(message)
+
+
+class Run:
+  """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    tc = config.train
+    self.pipeline = data_lib.build_input(config.data, seq_len=tc.seq_len,
+                                         batch_size=tc.global_batch_size // jax.process_count(),
+                                         seed=config.seed + jax.process_index(), workdir=self.workdir)
+    self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
+    self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
+                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    self.data_sharding = train_step.batch_sharding(self.mesh)
+    self.train_fn, self.eval_fn = train_step.compile_steps(self.cfg, self.tx, self.schedule, tc, self.mesh)
+
+  # -- state -------------------------------------------------------------------------------------------------
+
+  def _check_same_run(self, step: int):
+    differences = checkpoint_lib.config_differences(self.checkpoints.saved_config(step), self.config.to_dict())
+    if differences and not self.config.checkpoint.allow_config_change:
+      raise ConfigError(f'workdir {self.workdir} holds a run with another config ({"; ".join(differences)}); '
+                        'use a fresh --workdir, or pass --config.checkpoint.allow_config_change=True to continue')
+
+  def initial_state(self, iterator):
+    """(step, state): the newest readable checkpoint's, else a fresh (or `init_from`) state."""
+    steps = self.checkpoints.steps()
+    if steps:
+      self._check_same_run(steps[-1])
+    restored = self.checkpoints.restore_latest(train_step.abstract_state(self.cfg, self.tx, self.mesh))
+    if restored is not None:
+      step, state, data_state = restored
+      iterator.set_state(data_state)
+      say(f'resumed from step {step} in {self.checkpoints.directory}')
+      return step, state
+    state = train_step.init_state(self.cfg, self.tx, self.mesh, self.config.seed)
+    if self.config.checkpoint.init_from:
+      shardings = train_step.state_shardings(self.cfg, self.tx, self.mesh)['params']
+      abstract = train_step.abstract_state(self.cfg, self.tx, self.mesh)['params']
+      state['params'] = checkpoint_lib.load_params(self.config.checkpoint.init_from, abstract, shardings)
+      say(f'parameters from {self.config.checkpoint.init_from}')
+    return 0, state
+
+  def _save(self, step: int, state, iterator):
+    self.checkpoints.save(step, state, iterator.get_state(), self.config.to_dict())
+
+  def _check_finite(self, counters):
+    """In mode 'stop', raises once a step was non-finite: before it can be logged as normal or saved."""
+    if int(counters['nonfinite_steps']) and self.config.train.on_nonfinite == 'stop':
+      steps = self.checkpoints.steps()
+      last_good = f'step {steps[-1]} in {self.checkpoints.directory}' if steps else 'none'
+      raise NonFiniteError(
+          f'non-finite loss or gradient at step {int(counters["first_nonfinite_step"]) + 1}; last good checkpoint: '
+          f'{last_good}. Lower train.learning_rate, or set train.on_nonfinite=skip to skip such steps')
+
+  # -- the loop ----------------------------------------------------------------------------------------------
+
+  def evaluate(self, params) -> dict:
+    loss_sum = tokens = 0.0
+    for batch in self.pipeline.eval_batches(self.config.log.eval_batches):
+      out = self.eval_fn(params, self._to_device(batch))
+      loss_sum, tokens = loss_sum + float(out['loss_sum']), tokens + float(out['tokens'])
+    loss = loss_sum / max(tokens, 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0))}
+
+  def _to_device(self, batch):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+
+  def train(self) -> dict:
+    config, tc, log = self.config, self.config.train, self.config.log
+    os.makedirs(self.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        json.dump(config.to_dict(), f, indent=2)
+    iterator = self.pipeline.train_iterator()
+    step, state = self.initial_state(iterator)
+    writer = metrics_lib.MetricsWriter(self.workdir, print_fn=say)
+    flops_per_token = metrics_lib.flops_per_token(self.cfg, tc.seq_len)
+    peak = metrics_lib.peak_flops_per_device(log.peak_flops_per_device)
+    watcher = PreemptionWatcher()
+    say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, mesh '
+        f'{dict(self.mesh.shape)}, {tc.global_batch_size} x {tc.seq_len} tokens per step')
+    bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
+               disable=not log.progress_bar or jax.process_index() != 0)
+    pending, window_start, window_step, last = None, time.perf_counter(), step, {}
+    try:
+      while step < tc.steps:
+        state, step_metrics = self.train_fn(state, self._to_device(next(iterator)))
+        step += 1
+        bar.update(1)
+        # Metrics of a logging step are read one step later, so the host never waits on the device to log.
+        if pending is not None:
+          last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
+          pending, window_start, window_step = None, time.perf_counter(), last['step']
+        if step % log.every_steps == 0 or step == tc.steps:
+          pending = (step, step_metrics)
+        if step % log.eval_every_steps == 0 or step == tc.steps:
+          writer.write(step, self.evaluate(state['params']))
+        preempted = watcher.should_stop(step)
+        if step % config.checkpoint.every_steps == 0 or step == tc.steps or preempted:
+          self._check_finite(state)
+          self._save(step, state, iterator)
+        if preempted:
+          self.checkpoints.wait()
+          say(f'stopped at step {step} on request; checkpoint saved in {self.checkpoints.directory}/{step}')
+          break
+      if pending is not None:
+        last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
+      self._check_finite(state)
+    finally:
+      bar.close()
+      watcher.close()
+      self.checkpoints.wait()
+      writer.close()
+    self.state = state
+    return {**last, 'step': step}
+
+  def _log(self, writer, step, step_metrics, window_start, window_step, flops_per_token, peak):
+    values = jax.device_get(step_metrics)
+    self._check_finite(values)
+    seconds = max(time.perf_counter() - window_start, 1e-9)
+    tokens_per_s = (step - window_step) * self.config.train.global_batch_size * self.config.train.seq_len / seconds
+    record = {'loss': float(values['loss']), 'learning_rate': float(values['learning_rate']),
+              'grad_norm': float(values['grad_norm']), 'tokens_per_s': tokens_per_s,
+              'skipped_steps': int(values['nonfinite_steps'])}
+    if peak:
+      record['mfu'] = tokens_per_s * flops_per_token / (jax.device_count() * peak)
+    if 'lambda' in values:
+      record['lambda'] = values['lambda']
+    writer.write(step, record)
+    return {'step': step, **record}
+
+  def sample(self, prompt: str, num_tokens: int, temperature: float) -> str:
+    tokenizer = self.pipeline.tokenizer
+    ids = sampling.generate(self.cfg, self.state['params'], tokenizer.encode(prompt), num_tokens,
+                            temperature=temperature, seed=self.config.seed, window=self.config.train.seq_len)
+    return prompt + tokenizer.decode(ids)

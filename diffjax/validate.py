@@ -1,0 +1,91 @@
+"""Checks a whole run config before anything is compiled or read, so each mistake costs one line of reading."""
+
+import os
+import tempfile
+
+import jax
+import ml_collections
+
+from diffjax import attention, defaults, sharding
+from diffjax import data as data_lib
+from diffjax.errors import ConfigError
+
+CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
+POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 'train.steps', 'train.learning_rate',
+            'train.warmup_steps', 'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps',
+            'log.eval_every_steps', 'log.eval_batches')
+NON_NEGATIVE = ('train.weight_decay', 'train.grad_clip', 'train.z_loss', 'train.end_lr_ratio', 'train.b1',
+                'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device')
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def _unknown_key(config, reference, prefix=''):
+  for key in config.keys():
+    if key not in reference:
+      return f'{prefix}{key}'
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+      found = _unknown_key(config[key], reference[key], f'{prefix}{key}.')
+      if found:
+        return found
+  return None
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """Raises ConfigError (one line: the key and the fix) for the first problem found."""
+  unknown = _unknown_key(config, defaults.base_config())
+  if unknown:
+    raise ConfigError(f'{unknown}: unknown config key; see the config keys in README.md (a typo?)')
+
+  for key in POSITIVE:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+      raise ConfigError(f'{key}: must be a positive number, got {value!r}')
+  for key in NON_NEGATIVE:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f'{key}: must be zero or positive, got {value!r}')
+  for key, choices in CHOICES.items():
+    if _get(config, key) not in choices:
+      raise ConfigError(f'{key}: unknown value {_get(config, key)!r}; use one of {", ".join(choices)}')
+  tc = config.train
+  for key in ('b1', 'b2', 'end_lr_ratio'):
+    if not tc[key] < 1.0 + (key == 'end_lr_ratio'):
+      raise ConfigError(f'train.{key}: must be below 1, got {tc[key]}')
+  if tc.warmup_steps >= tc.steps:
+    raise ConfigError(f'train.warmup_steps: {tc.warmup_steps} warmup steps do not fit in train.steps={tc.steps}; '
+                      'make warmup shorter than training')
+
+  cfg = defaults.model_config(config, vocab_size=256)
+  if tc.seq_len > cfg.max_len:
+    raise ConfigError(f'train.seq_len: {tc.seq_len} is above model.max_len={cfg.max_len}; shorten the sequences '
+                      'or raise model.max_len')
+  attention.resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
+
+  mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
+  data_parallel = mesh['data'] * mesh['fsdp']
+  if tc.global_batch_size % (data_parallel * tc.microbatches) or tc.global_batch_size % jax.process_count():
+    raise ConfigError(f'train.global_batch_size: {tc.global_batch_size} sequences cannot be split over '
+                      f'{data_parallel} data-parallel shards (mesh.data*mesh.fsdp) x {tc.microbatches} microbatches; '
+                      f'use a multiple of {data_parallel * tc.microbatches}')
+
+  data_lib.validate_data_config(config.data)
+  if config.checkpoint.init_from and not os.path.exists(config.checkpoint.init_from):
+    raise ConfigError(f'checkpoint.init_from: {config.checkpoint.init_from} does not exist; give a workdir or '
+                      'checkpoint directory of an earlier run')
+  if workdir is not None:
+    _check_writable(workdir)
+
+
+def _check_writable(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise ConfigError(f'--workdir: cannot write to {workdir} ({error.strerror}); choose a writable directory') from None
