@@ -1,0 +1,8 @@
+"""The paper's 2.8B scaling run (see diffjax.defaults.SCALING_RUNS); --config.model.variant=baseline for its
+Transformer counterpart."""
+
+from diffjax.defaults import scaling_config
+
+
+def get_config():
+  return scaling_config('2.8b')
