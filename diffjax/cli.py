@@ -6,7 +6,7 @@ import sys
 import traceback
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
 
 from diffjax.errors import ConfigError
 
@@ -18,6 +18,8 @@ def report_errors(main):
   from diffjax.trainer import NonFiniteError  # the trainer imports this module's flags indirectly
 
   def wrapped(argv):
+    if not DEBUG.value:
+      logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
     try:
       return main(argv)
     except (ConfigError, NonFiniteError) as error:
