@@ -44,6 +44,9 @@ class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'One example per document; UTF-8, BOM stripped, CRLF turned into LF.'}
+  # Nothing is downloaded. Looking for URL checksums next to the code makes TFDS 4.9 import the
+  # `importlib_resources` backport, which Python >= 3.9 installs lack.
+  url_infos = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -121,18 +124,31 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def check_text_glob(text_glob: str) -> None:
+  """Raises ConfigError if `text_glob`, or the folder a glob searches, does not exist; reads no files."""
+  pattern = os.path.expanduser(text_glob)
+  if _is_glob(pattern):
+    parts = pattern.split(os.sep)
+    fixed = parts[:next(i for i, part in enumerate(parts) if _is_glob(part))]
+    folder = os.sep.join(fixed) or os.curdir
+    if not os.path.isdir(folder):
+      raise ConfigError(f'data.text_glob: the folder {folder!r} of {text_glob!r} does not exist; point it at a '
+                        'folder, file or glob of .txt or .txt.gz files')
+  elif not os.path.exists(pattern):
+    raise ConfigError(f'data.text_glob: {text_glob!r} does not exist; point it at a folder, file or glob of '
+                      '.txt or .txt.gz files')
+
+
 def find_text_files(text_glob: str) -> list[str]:
   """Sorted `.txt` / `.txt.gz` files in a folder (recursively), a single file, or matching a glob."""
+  check_text_glob(text_glob)
   pattern = os.path.expanduser(text_glob)
-  if any(wildcard in pattern for wildcard in '*?['):
+  if _is_glob(pattern):
     candidates = glob.glob(pattern, recursive=True)
   elif os.path.isdir(pattern):
     candidates = [os.path.join(folder, name) for folder, _, names in os.walk(pattern) for name in names]
-  elif os.path.isfile(pattern):
-    candidates = [pattern]
   else:
-    raise ConfigError(f'data.text_glob: {text_glob!r} does not exist; point it at a folder, file or glob of '
-                      '.txt or .txt.gz files')
+    candidates = [pattern]
   files = sorted(os.path.abspath(path) for path in candidates
                  if path.endswith(_TEXT_SUFFIXES) and os.path.isfile(path))
   if not files:
@@ -173,6 +189,10 @@ def validation_documents(names: list[str], validation_fraction: float) -> set[st
     elif len(chosen) == len(names):
       chosen.remove(max(names, key=score.__getitem__))
   return chosen
+
+
+def _is_glob(pattern: str) -> bool:
+  return any(wildcard in pattern for wildcard in '*?[')
 
 
 def _is_empty(path: str) -> bool:
