@@ -1,0 +1,98 @@
+"""Times the full train step of a config for each variant on random tokens: tokens/s, MFU and memory.
+
+  python launch/bench_train.py --config configs/seed.py --batch 16 --microbatches 1 --steps 20
+
+Uses the same compiled step, shardings and mesh as training (`diffjax.train_step`), so the numbers are those
+of `python -m diffjax.train` minus the input pipeline. Prints a table and writes JSON (`--out`).
+"""
+
+import argparse
+import importlib.util
+import json
+import time
+
+import jax
+import numpy as np
+
+from diffjax import defaults, metrics, model, optim, sharding, train_step
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location('config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def bench(config, variant, vocab_size, steps):
+  config = config.copy_and_resolve_references()
+  config.model.variant = variant
+  cfg = defaults.model_config(config, vocab_size)
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
+  state = train_step.init_state(cfg, tx, mesh, seed=0)
+  train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
+  rng = np.random.default_rng(0)
+  shape = (tc.global_batch_size, tc.seq_len)
+  batch = jax.device_put({'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
+                          'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
+                          'mask': np.ones(shape, np.float32)}, train_step.batch_sharding(mesh))
+  compiled = train.lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  start = time.perf_counter()
+  state, out = train(state, batch)
+  jax.block_until_ready(out)
+  compile_and_first = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = train(state, batch)
+  jax.block_until_ready(out)
+  seconds = (time.perf_counter() - start) / steps
+  tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
+  peak = metrics.peak_flops_per_device(config.log.peak_flops_per_device)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {'variant': variant, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+          'params': model.count_params(state['params']), 'batch': tc.global_batch_size, 'seq_len': tc.seq_len,
+          'microbatches': tc.microbatches, 'attention_impl': cfg.attention_impl, 'step_ms': seconds * 1e3,
+          'tokens_per_s': tokens_per_s, 'first_step_s': compile_and_first,
+          'mfu': tokens_per_s * metrics.flops_per_token(cfg, tc.seq_len) / (jax.device_count() * peak) if peak else None,
+          'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
+          'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'final_loss': float(out['loss'])}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/seed.py')
+  parser.add_argument('--variants', default='diff_v1,baseline,diff_v2')
+  parser.add_argument('--batch', type=int, default=16, help='global batch in sequences')
+  parser.add_argument('--microbatches', type=int, default=1)
+  parser.add_argument('--seq', type=int, default=0, help='sequence length (0: the config\'s)')
+  parser.add_argument('--vocab', type=int, default=32_000)
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--impl', default='', help='model.attention_impl override')
+  parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
+  parser.add_argument('--out', default='bench_train.json')
+  args = parser.parse_args()
+  config = load_config(args.config)
+  config.train.global_batch_size, config.train.microbatches = args.batch, args.microbatches
+  if args.seq:
+    config.train.seq_len = args.seq
+  if args.impl:
+    config.model.attention_impl = args.impl
+  if args.remat >= 0:
+    config.model.remat = bool(args.remat)
+  rows = [bench(config, v, args.vocab, args.steps) for v in args.variants.split(',')]
+  print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {args.config}, batch {args.batch} x {rows[0]["seq_len"]}, '
+        f'microbatches {args.microbatches}, vocab {args.vocab}')
+  print(f'{"variant":<9} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9}')
+  for r in rows:
+    mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
+    print(f'{r["variant"]:<9} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
+          f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f}')
+  with open(args.out, 'w') as f:
+    json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
