@@ -1,0 +1,25 @@
+"""The README's Python examples run as written."""
+
+import pathlib
+import re
+
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+
+
+def python_blocks():
+  return re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
+
+
+def test_readme_has_the_interop_example():
+  assert any('from_reference' in block for block in python_blocks())
+
+
+def test_every_python_example_runs():
+  for block in python_blocks():
+    namespace = {}
+    exec(compile(block, str(README), 'exec'), namespace)  # the examples are documentation: run them verbatim
+    if 'from_reference' in block:
+      assert namespace['y'].shape == namespace['x'].shape
+      assert np.all(np.isfinite(namespace['y']))
