@@ -20,6 +20,7 @@ from etils import epath
 import grain
 from grain.experimental import ConcatThenSplitIterDataset
 from grain.experimental import LimitIterDataset
+from grain.experimental import WindowShuffleIterDataset
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
@@ -35,6 +36,8 @@ TOKENIZERS = ('byte', 'sentencepiece')
 TOKENIZER_FILE = 'tokenizer.model'
 
 Batch = dict[str, np.ndarray]
+# Validation batches are drawn the same way in every run, whatever its seed, so runs compare.
+_EVAL_SEED = 0
 
 # Documents may be whole books: Grain's default read-ahead of hundreds of documents would hold gigabytes of
 # tokens, and reading in the main thread keeps the order trivially deterministic.
@@ -55,6 +58,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.tokenizer = 'byte'  # 'byte' | 'sentencepiece' (trained on the train split, saved in the workdir)
   cfg.sp_vocab_size = 8000
   cfg.sp_train_chars = 20_000_000  # at most this many characters of training text for the SentencePiece trainer
+  cfg.shuffle_window = 1024  # packed sequences shuffled together, so a batch mixes many documents; 1: off
   cfg.num_workers = 0  # Grain worker processes (they need absl flags parsed, as absl.app does); 0: read in-process
   return cfg
 
@@ -86,6 +90,8 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     need(data_cfg.sp_vocab_size >= tokenizers.SP_MIN_VOCAB_SIZE, 'sp_vocab_size',
          f'{data_cfg.sp_vocab_size} is too small; the byte-fallback model needs at least '
          f'{tokenizers.SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
+  need(isinstance(data_cfg.shuffle_window, int) and data_cfg.shuffle_window > 0, 'shuffle_window',
+       f'must be a positive number of sequences (1 turns shuffling off), got {data_cfg.shuffle_window!r}')
   need(isinstance(data_cfg.num_workers, int) and data_cfg.num_workers >= 0, 'num_workers',
        f'must be 0 (read in this process) or a positive number of processes, got {data_cfg.num_workers!r}')
 
@@ -103,7 +109,7 @@ def build_input(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size
   for split in (corpus.train_split, corpus.eval_split):
     _check_holds_one_sequence(corpus, split, tokenizer, seq_len)
   return InputPipeline(corpus=corpus, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       num_workers=data_cfg.num_workers)
+                       shuffle_window=data_cfg.shuffle_window, num_workers=data_cfg.num_workers)
 
 
 class TrainIterator:
@@ -141,12 +147,13 @@ class InputPipeline:
   """Training batches (shuffled by document each epoch, endless) and evaluation batches (fixed order)."""
 
   def __init__(self, *, corpus: '_Corpus', tokenizer: tokenizers.Tokenizer, seq_len: int, batch_size: int,
-               seed: int, num_workers: int):
+               seed: int, shuffle_window: int, num_workers: int):
     self.tokenizer = tokenizer
     self._corpus = corpus
     self._seq_len = seq_len
     self._batch_size = batch_size
     self._seed = seed
+    self._shuffle_window = shuffle_window
     self._num_workers = num_workers
 
   def train_iterator(self) -> TrainIterator:
@@ -154,7 +161,7 @@ class InputPipeline:
     documents = (grain.MapDataset.source(self._corpus.sources[self._corpus.train_split])
                  .shuffle(seed=_shuffle_seed(self._seed))
                  .repeat())
-    batches = self._batches(documents, drop_remainder=True)
+    batches = self._batches(documents, drop_remainder=True, seed=self._seed)
     if self._num_workers:
       batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     # Positions are document indices and token offsets: they stay valid wherever the same corpus is
@@ -165,21 +172,27 @@ class InputPipeline:
     return TrainIterator(iter(batches), corpus_id=corpus_id)
 
   def eval_batches(self, num_batches: int) -> grain.IterDataset:
-    """The first `num_batches` batches of the validation split (fewer if it ends), the same on every pass.
+    """`num_batches` batches of the validation split (fewer if it ends), the same on every pass and every run.
 
-    The last batch is completed with padding rows of mask 0, so every batch has the same shape.
+    Documents and sequences are shuffled with a fixed seed, so a few batches sample many documents rather than
+    the first one or two. The last batch is completed with padding rows of mask 0 to keep shapes fixed.
     """
     if num_batches < 1:
       raise ValueError(f'eval_batches needs a positive number of batches, got {num_batches}')
-    documents = grain.MapDataset.source(self._corpus.sources[self._corpus.eval_split])
-    batches = self._batches(documents, drop_remainder=False)
+    documents = (grain.MapDataset.source(self._corpus.sources[self._corpus.eval_split])
+                 .shuffle(seed=_shuffle_seed(_EVAL_SEED)))
+    batches = self._batches(documents, drop_remainder=False, seed=_EVAL_SEED)
     pad = functools.partial(_pad_rows, batch_size=self._batch_size, pad_id=self.tokenizer.pad_id)
     return LimitIterDataset(batches, count=num_batches).map(pad)
 
-  def _batches(self, documents: grain.MapDataset, *, drop_remainder: bool) -> grain.IterDataset:
+  def _batches(self, documents: grain.MapDataset, *, drop_remainder: bool, seed: int) -> grain.IterDataset:
     tokens = documents.map(functools.partial(_tokenize, tokenizer=self.tokenizer, text_key=self._corpus.text_key))
     sequences = ConcatThenSplitIterDataset(tokens.to_iter_dataset(_READ_OPTIONS),
                                            length_struct={'tokens': self._seq_len + 1})
+    if self._shuffle_window > 1:
+      # Consecutive sequences come from the same document; without this a batch is often one document.
+      sequences = WindowShuffleIterDataset(sequences, window_size=self._shuffle_window,
+                                           seed=_shuffle_seed(seed) + 1)
     return (sequences.batch(self._batch_size, drop_remainder=drop_remainder)
             .map(functools.partial(_inputs_and_targets, pad_id=self.tokenizer.pad_id)))
 

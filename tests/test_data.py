@@ -174,14 +174,15 @@ def test_stdlib_default_prepares_and_yields_batches(tmp_path):
 
 def test_eval_stream_is_the_validation_documents_joined_by_eos(tmp_path):
   _write_corpus(tmp_path / 'corpus', num_docs=60)
-  pipeline = _local_pipeline(tmp_path, seq_len=16, batch_size=4)
+  pipeline = _local_pipeline(tmp_path, seq_len=16, batch_size=4, shuffle_window=1)
   tokenizer = pipeline.tokenizer
   validation = [text for _, text in _split_texts(tmp_path, 'validation')]
 
   batches = list(pipeline.eval_batches(10_000))
-  expected = [token for text in validation for token in tokenizer.encode(text) + [tokenizer.eos_id]]
+  documents = _documents_of(_token_stream(batches), tokenizer)
+  assert sorted(documents) == sorted(validation)  # Whole documents, each once, in a fixed shuffled order.
+  expected = [token for text in documents for token in tokenizer.encode(text) + [tokenizer.eos_id]]
   assert _token_stream(batches) == expected
-  assert _documents_of(_token_stream(batches), tokenizer) == validation
   for batch in batches:
     assert batch['inputs'].shape == batch['targets'].shape == batch['mask'].shape == (4, 16)
     np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
@@ -193,7 +194,7 @@ def test_eval_stream_is_the_validation_documents_joined_by_eos(tmp_path):
 
 def test_train_stream_repeats_shuffled_whole_documents(tmp_path):
   _write_corpus(tmp_path / 'corpus', num_docs=40)
-  pipeline = _local_pipeline(tmp_path, seq_len=16, batch_size=4)
+  pipeline = _local_pipeline(tmp_path, seq_len=16, batch_size=4, shuffle_window=1)
   train = sorted(text for _, text in _split_texts(tmp_path, 'train'))
   tokens_per_epoch = sum(len(pipeline.tokenizer.encode(text)) + 1 for text in train)
 
@@ -206,6 +207,24 @@ def test_train_stream_repeats_shuffled_whole_documents(tmp_path):
   assert sorted(first_epoch) == train
   assert sorted(second_epoch) == train
   assert first_epoch != second_epoch
+
+
+def test_window_shuffle_mixes_documents_within_batches(tmp_path):
+  _write_corpus(tmp_path / 'corpus', num_docs=40)
+  window, batch_size = 32, 4
+  rows = lambda batches: [tuple(row) for batch in batches for row in batch['inputs']]
+  packed = rows(_take(_local_pipeline(tmp_path, batch_size=batch_size, shuffle_window=1).train_iterator(),
+                      window // batch_size))
+  shuffled = rows(_take(_local_pipeline(tmp_path, batch_size=batch_size, shuffle_window=window).train_iterator(),
+                        window // batch_size))
+  assert sorted(shuffled) == sorted(packed)  # The same sequences of the first window ...
+  assert shuffled != packed  # ... in another order, so consecutive pieces of one document get spread out.
+
+
+def test_eval_batches_are_the_same_for_every_training_seed(tmp_path):
+  _write_corpus(tmp_path / 'corpus', num_docs=60)
+  _assert_same_batches(list(_local_pipeline(tmp_path, seed=1).eval_batches(3)),
+                       list(_local_pipeline(tmp_path, seed=2).eval_batches(3)))
 
 
 def test_train_stream_is_deterministic_for_a_seed(tmp_path):
