@@ -102,7 +102,9 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
       'first_nonfinite_step': jnp.where((state['first_nonfinite_step'] < 0) & ~finite, state['step'],
                                         state['first_nonfinite_step']),
   }
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']), 'tokens': token_sum,
+  # A skipped step does not advance the optimizer's own count, so its schedule runs behind `step` by the skips.
+  applied_lr = schedule(state['step'] - state['nonfinite_steps'])
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': applied_lr, 'tokens': token_sum,
              'nonfinite_steps': new_state['nonfinite_steps'], 'first_nonfinite_step': new_state['first_nonfinite_step']}
   lambdas = model_lib.lambdas(cfg, new_state['params'])
   if lambdas is not None:
