@@ -3,8 +3,7 @@
 
 from absl import app, flags
 
-from diffjax import cli, evaluate
-from diffjax.errors import ConfigError
+from diffjax import cli, inference
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 PROMPT = flags.DEFINE_string('prompt', 'def ', 'Text to continue.')
@@ -15,9 +14,7 @@ TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is
 @cli.report_errors
 def main(argv):
   del argv
-  if WORKDIR.value is None:
-    raise ConfigError('--workdir is required: the workdir of a training run')
-  run, _, state = evaluate.restore_run(WORKDIR.value)
+  run, _, state = inference.restore_run(WORKDIR.value)
   run.state = state
   print(run.sample(PROMPT.value, TOKENS.value, TEMPERATURE.value))
 
