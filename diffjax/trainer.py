@@ -52,6 +52,11 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, os.path.abspath(workdir)
+    self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
+                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    latest = self.checkpoints.latest_config()
+    if latest:  # a workdir of another run is refused before its data is prepared or a tokenizer trained
+      self._check_same_run(*latest)
     tc = config.train
     self.pipeline = data_lib.build_input(config.data, seq_len=tc.seq_len,
                                          batch_size=tc.global_batch_size // jax.process_count(),
@@ -59,25 +64,22 @@ class Run:
     self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
-    self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
-                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     self.data_sharding = train_step.batch_sharding(self.mesh)
     self.train_fn, self.eval_fn = train_step.compile_steps(self.cfg, self.tx, self.schedule, tc, self.mesh)
 
   # -- state -------------------------------------------------------------------------------------------------
 
-  def _check_same_run(self, step: int):
-    differences = checkpoint_lib.config_differences(self.checkpoints.saved_config(step), self.config.to_dict())
+  def _check_same_run(self, step: int, saved_config: dict):
+    differences = checkpoint_lib.config_differences(saved_config, self.config.to_dict())
     if differences and not self.config.checkpoint.allow_config_change:
-      raise ConfigError(f'workdir {self.workdir} holds a run with another config ({"; ".join(differences)}); '
-                        'use a fresh --workdir, or pass --config.checkpoint.allow_config_change=True to continue')
+      raise ConfigError(f'--workdir: {self.workdir} holds another run (step {step}), whose config differs in '
+                        f'{"; ".join(differences)}; use a fresh --workdir, or pass '
+                        '--config.checkpoint.allow_config_change=True to continue it with this config')
 
   def initial_state(self, iterator):
     """(step, state): the newest readable checkpoint's, else a fresh (or `init_from`) state."""
-    steps = self.checkpoints.steps()
-    if steps:
-      self._check_same_run(steps[-1])
-    restored = self.checkpoints.restore_latest(train_step.abstract_state(self.cfg, self.tx, self.mesh))
+    restored = self.checkpoints.restore_latest(train_step.abstract_state(self.cfg, self.tx, self.mesh),
+                                               check_config=self._check_same_run)
     if restored is not None:
       step, state, data_state = restored
       iterator.set_state(data_state)
@@ -119,11 +121,11 @@ class Run:
   def train(self) -> dict:
     config, tc, log = self.config, self.config.train, self.config.log
     os.makedirs(self.workdir, exist_ok=True)
-    if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        json.dump(config.to_dict(), f, indent=2)
     iterator = self.pipeline.train_iterator()
     step, state = self.initial_state(iterator)
+    if jax.process_index() == 0:  # only now: a workdir of another run keeps its config.json
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        json.dump(config.to_dict(), f, indent=2)
     writer = metrics_lib.MetricsWriter(self.workdir, print_fn=say)
     flops_per_token = metrics_lib.flops_per_token(self.cfg, tc.seq_len)
     peak = metrics_lib.peak_flops_per_device(log.peak_flops_per_device)

@@ -3,11 +3,14 @@
 import os
 import tempfile
 
+import flax.linen as nn
 import jax
 import ml_collections
 
-from diffjax import attention, defaults, sharding
+from diffjax import attention, defaults, sharding, tokenizers
+from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
+from diffjax import model as model_lib
 from diffjax.errors import ConfigError
 
 CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
@@ -75,9 +78,15 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
                       f'use a multiple of {data_parallel * tc.microbatches}')
 
   data_lib.validate_data_config(config.data)
-  if config.checkpoint.init_from and not os.path.exists(config.checkpoint.init_from):
-    raise ConfigError(f'checkpoint.init_from: {config.checkpoint.init_from} does not exist; give a workdir or '
-                      'checkpoint directory of an earlier run')
+  if config.checkpoint.init_from:
+    if not os.path.exists(config.checkpoint.init_from):
+      raise ConfigError(f'checkpoint.init_from: {config.checkpoint.init_from} does not exist; give a workdir or '
+                        'checkpoint directory of an earlier run')
+    # The tokenizer is not built yet, but its vocabulary size is known from the config.
+    vocab_size = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte'
+                  else config.data.sp_vocab_size)
+    params = nn.meta.unbox(model_lib.abstract_params(defaults.model_config(config, vocab_size))['params'])
+    checkpoint_lib.check_init_from(config.checkpoint.init_from, params)
   if workdir is not None:
     _check_writable(workdir)
 
