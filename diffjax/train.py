@@ -24,6 +24,8 @@ def main(argv):
   validate.check_config(config, workdir)
   run = trainer.Run(config, workdir)
   summary = run.train()
+  if summary['preempted']:  # the grace period after SIGTERM is short: no sample, no plots
+    return
   text = run.sample(config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
   curves = metrics.plot_curves(workdir)
   trainer.say(f'\nsample after step {summary["step"]}:\n{text}\n')

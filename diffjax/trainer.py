@@ -8,6 +8,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -23,12 +24,16 @@ class NonFiniteError(RuntimeError):
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM (how TPU VMs and SLURM announce preemption) and Ctrl-C into a request to save and stop."""
+  """Turns SIGTERM (how TPU VMs and SLURM announce preemption) and Ctrl-C into a request to save and stop.
+
+  With several hosts, JAX's preemption service catches SIGTERM and picks the step at which all hosts save;
+  a Python handler would replace the service's, so none is installed there.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
     self.previous = {}
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self.previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
 
@@ -40,6 +45,12 @@ class PreemptionWatcher:
   def close(self):
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
 def say(message: str):
@@ -94,16 +105,23 @@ class Run:
     return 0, state
 
   def _save(self, step: int, state, iterator):
+    """Saves a state only if it is finite: a step with finite loss and gradients can still overflow the weights."""
+    self._check_finite(state)
+    if not bool(_all_finite({'params': state['params'], 'opt_state': state['opt_state']})):
+      raise NonFiniteError(f'the train state after step {step} holds non-finite values, so it was not saved; last '
+                           f'good checkpoint: {self._last_good()}. Lower train.learning_rate')
     self.checkpoints.save(step, state, iterator.get_state(), self.config.to_dict())
+
+  def _last_good(self) -> str:
+    steps = self.checkpoints.steps()
+    return f'step {steps[-1]} in {self.checkpoints.directory}' if steps else 'none'
 
   def _check_finite(self, counters):
     """In mode 'stop', raises once a step was non-finite: before it can be logged as normal or saved."""
     if int(counters['nonfinite_steps']) and self.config.train.on_nonfinite == 'stop':
-      steps = self.checkpoints.steps()
-      last_good = f'step {steps[-1]} in {self.checkpoints.directory}' if steps else 'none'
       raise NonFiniteError(
           f'non-finite loss or gradient at step {int(counters["first_nonfinite_step"]) + 1}; last good checkpoint: '
-          f'{last_good}. Lower train.learning_rate, or set train.on_nonfinite=skip to skip such steps')
+          f'{self._last_good()}. Lower train.learning_rate, or set train.on_nonfinite=skip to skip such steps')
 
   # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -134,30 +152,34 @@ class Run:
         f'{dict(self.mesh.shape)}, {tc.global_batch_size} x {tc.seq_len} tokens per step')
     bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
                disable=not log.progress_bar or jax.process_index() != 0)
-    pending, window_start, window_step, last = None, time.perf_counter(), step, {}
+    pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False
+
+    def write_pending():
+      nonlocal pending, window_start, window_step, last
+      if pending is not None:
+        last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
+        pending, window_start, window_step = None, time.perf_counter(), last['step']
+
     try:
       while step < tc.steps:
         state, step_metrics = self.train_fn(state, self._to_device(next(iterator)))
         step += 1
         bar.update(1)
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
-        if pending is not None:
-          last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
-          pending, window_start, window_step = None, time.perf_counter(), last['step']
+        write_pending()
         if step % log.every_steps == 0 or step == tc.steps:
           pending = (step, step_metrics)
         if step % log.eval_every_steps == 0 or step == tc.steps:
           writer.write(step, self.evaluate(state['params']))
         preempted = watcher.should_stop(step)
         if step % config.checkpoint.every_steps == 0 or step == tc.steps or preempted:
-          self._check_finite(state)
+          write_pending()  # the save waits for this step anyway; written first, a crash after it loses no record
           self._save(step, state, iterator)
         if preempted:
           self.checkpoints.wait()
           say(f'stopped at step {step} on request; checkpoint saved in {self.checkpoints.directory}/{step}')
           break
-      if pending is not None:
-        last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
+      write_pending()
       self._check_finite(state)
     finally:
       bar.close()
@@ -165,7 +187,7 @@ class Run:
       self.checkpoints.wait()
       writer.close()
     self.state = state
-    return {**last, 'step': step}
+    return {**last, 'step': step, 'preempted': preempted}
 
   def _log(self, writer, step, step_metrics, window_start, window_step, flops_per_token, peak):
     values = jax.device_get(step_metrics)
