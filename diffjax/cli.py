@@ -1,16 +1,27 @@
 """What the command-line entry points share: one-line errors and loading a finished run's config."""
 
 import json
+import logging as std_logging
 import os
+import re
 import sys
 import traceback
 
 import ml_collections
+import tensorflow_datasets as tfds
 from absl import flags, logging
 
 from diffjax.errors import ConfigError
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
+
+
+def _fail(message: str, show_traceback: bool):
+  """Ends the program: the traceback of the error being handled if asked, then one `error:` line, exit 1."""
+  if show_traceback:
+    traceback.print_exc()
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(1)
 
 
 def report_errors(main):
@@ -20,14 +31,63 @@ def report_errors(main):
   def wrapped(argv):
     if not DEBUG.value:
       logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
+      # ... and some of it at WARNING (TFDS: 'Using custom data configuration'); they log through absl's logger,
+      # diffjax through the standard one, so diffjax's warnings still show.
+      std_logging.getLogger('absl').setLevel(std_logging.ERROR)
+    if not sys.stderr.isatty():  # in a log file, TFDS's progress bars while preparing data are only noise
+      tfds.disable_progress_bar()
     try:
       return main(argv)
     except (ConfigError, NonFiniteError) as error:
-      if DEBUG.value:
-        traceback.print_exc()
-      print(f'error: {error}', file=sys.stderr, flush=True)
-      sys.exit(1)
+      _fail(str(error), DEBUG.value)
   return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (pass as `app.run(main, flags_parser=cli.parse_flags)`), failing in one line.
+
+  absl prints two lines for a bad value, and ml_collections raises a traceback for an override of a config key
+  that does not exist or a config file that does not run.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # whatever the parser raises, the cause is on the command line or in the config file
+    _fail(_flag_error(error, argv), any(re.fullmatch(r'--debug(=(true|True|1))?', arg) for arg in argv))
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  text = str(error)
+  overrides = [match[1] for match in (re.match(r'--\w+\.([\w.]+)', arg) for arg in argv) if match]
+  name = re.search(r"'(\w+)\\?'", text)
+  key = next((path for path in overrides if name and name[1] in path.split('.')), None)
+  if isinstance(error, (AttributeError, KeyError)) and key:  # ml_collections: `--config.KEY` names no key
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    suggestion = f' (did you mean {hint[1]}?)' if hint else ''
+    return f'{key}: unknown config key{suggestion}; see the config keys in README.md'
+  missing = re.search(r'Failed loading config file (\w+)_config', text)
+  if isinstance(error, OSError) and missing:  # ml_collections: a `--config` file that is not there
+    return _config_file_error(missing[1], error)
+  # absl's message starts with the flag; a config file that raised ends with the exception.
+  lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+  summary = lines[0] + (f' ... {lines[-1]}' if len(lines) > 1 else '')
+  if isinstance(error, flags.Error):
+    return f'{summary}; see --helpfull for the flags'
+  return f'the config file failed to load: {type(error).__name__}: {summary}; fix it (--debug shows where)'
+
+
+def config_value(config_flag) -> ml_collections.ConfigDict:
+  """The value of a DEFINE_config_file flag; a file that could not be read fails here, as a ConfigError."""
+  config = config_flag.value
+  try:
+    config.keys()  # ml_collections defers a missing file's error to the first use
+  except OSError as error:
+    raise ConfigError(_config_file_error(config_flag.name, error)) from None
+  return config
+
+
+def _config_file_error(flag: str, error: OSError) -> str:
+  reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+  return f'--{flag}: cannot load the config file ({reason}); give one such as configs/tiny.py'
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ def main(argv):
   del argv
   if CONFIG.value is None or WORKDIR.value is None:
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
-  config, workdir = CONFIG.value, os.path.abspath(WORKDIR.value)
+  config, workdir = cli.config_value(CONFIG), os.path.abspath(WORKDIR.value)
   validate.check_config(config, workdir)
   run = trainer.Run(config, workdir)
   summary = run.train()
@@ -34,7 +34,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
