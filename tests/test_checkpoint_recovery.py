@@ -1,0 +1,173 @@
+"""Damaged checkpoints and foreign workdirs: fall back to the previous good step with one warning, refuse rather
+than start from scratch, and refuse a workdir of another run unless told to continue it."""
+
+import json
+import logging
+import os
+import shutil
+
+import ml_collections
+import pytest
+
+import reliability_helpers as rh
+from diffjax import checkpoint as checkpoint_lib
+from diffjax import defaults, optim, sharding, train_step
+from diffjax.errors import ConfigError
+
+# A restore that fails part-way leaves Orbax's pending reads to be collected later, which pytest reports as
+# exceptions raised in `__del__`; failing restores are what these tests are about.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
+# The harness's run: checkpoints every 3 steps, the last 3 kept.
+LAST = rh.STEPS
+PREVIOUS, FIRST = LAST - 3, LAST - 6
+KEPT = [FIRST, PREVIOUS, LAST]
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """(workdir, flags) of a finished run; tests work on copies of it."""
+  folder = tmp_path_factory.mktemp('recovery')
+  run_flags = rh.flags(rh.make_corpus(folder), LAST)
+  result = rh.train(folder / 'base', run_flags)
+  assert result.returncode == 0, result.stderr
+  assert rh.steps(folder / 'base') == KEPT
+  return folder / 'base', run_flags
+
+
+def copy_of(base, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(base[0], workdir)
+  return workdir
+
+
+def largest_file(folder) -> str:
+  files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def abstract_state(workdir, **model):
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  config.model.update(model)
+  tx = optim.make_optimizer(config.train)
+  return train_step.abstract_state(defaults.model_config(config, 258), tx, sharding.make_mesh(config.mesh))
+
+
+def restore(workdir, **model):
+  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False)
+  try:
+    return checkpoints.restore_latest(abstract_state(workdir, **model))
+  finally:
+    checkpoints.close()
+
+
+def test_truncated_file_falls_back_to_the_previous_step_with_one_warning(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  damaged = largest_file(workdir / 'checkpoints' / str(LAST) / 'state')
+  os.truncate(damaged, os.path.getsize(damaged) // 2)
+  result = rh.train(workdir, base[1])
+  assert result.returncode == 0, result.stderr
+  assert [line for line in rh.nonempty_lines(result.stderr) if 'W' in line[:1]] == [
+      line for line in rh.nonempty_lines(result.stderr) if 'unreadable' in line]
+  [warning] = [line for line in rh.nonempty_lines(result.stderr) if 'unreadable' in line]
+  assert f'checkpoint step {LAST} in {workdir}/checkpoints is unreadable (' in warning
+  assert f'resuming from step {PREVIOUS} instead (step {LAST} moved to {workdir}/checkpoints_corrupt/' in warning
+  assert f'resumed from step {PREVIOUS} in {workdir}/checkpoints' in result.stdout
+  assert [name.split('-')[0] for name in os.listdir(f'{workdir}/checkpoints_corrupt')] == [str(LAST)]
+  # The steps after PREVIOUS were logged twice, and the same both times.
+  assert rh.losses(workdir) == rh.losses(base[0])
+  assert rh.steps(workdir)[-1] == LAST
+
+
+@pytest.mark.parametrize('damage', ['delete state/_METADATA', 'delete the largest state file',
+                                    'truncate config/metadata', 'delete data/metadata'])
+def test_missing_or_truncated_file_is_detected_at_restore(base, tmp_path, caplog, damage):
+  workdir = copy_of(base, tmp_path)
+  action, what = damage.split(' ', 1)
+  step_dir = workdir / 'checkpoints' / str(LAST)
+  path = largest_file(step_dir / 'state') if what == 'the largest state file' else step_dir / what
+  if action == 'delete':
+    os.remove(path)
+  else:
+    os.truncate(path, 0)
+  with caplog.at_level(logging.WARNING):
+    step, _, data = restore(workdir)
+  assert step == PREVIOUS and data['corpus']
+  [warning] = [r.getMessage() for r in caplog.records if 'unreadable' in r.getMessage()]
+  assert f'checkpoint step {LAST} ' in warning and f'resuming from step {PREVIOUS} instead' in warning
+  assert '\n' not in warning
+  assert rh.steps(workdir) == [FIRST, PREVIOUS]
+
+
+def test_every_step_unreadable_refuses_instead_of_starting_from_scratch(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  for step in KEPT:
+    os.remove(workdir / 'checkpoints' / str(step) / 'state' / '_METADATA')
+  metrics_before = (workdir / 'metrics.jsonl').read_text()
+  for _ in range(2):  # and again: nothing was moved aside that would let a second start begin from scratch
+    result = rh.train(workdir, base[1])
+    assert result.returncode == 1
+    assert rh.nonempty_lines(result.stderr) == [
+        f'error: checkpoint: none of steps {KEPT} in {workdir}/checkpoints can be read (step {LAST}: '
+        f'FileNotFoundError: Metadata file (named _METADATA) does not exist at {workdir}/checkpoints/{LAST}/state.); '
+        'repair or remove them, or use a fresh --workdir']
+  assert rh.steps(workdir) == KEPT
+  assert not os.path.exists(f'{workdir}/checkpoints_corrupt')
+  assert (workdir / 'metrics.jsonl').read_text() == metrics_before
+
+
+def test_workdir_of_another_run_is_refused_naming_the_differences(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  config_before = (workdir / 'config.json').read_text()
+  result = rh.train(workdir, base[1] + ['--config.model.rope_theta=5000.0', '--config.data.validation_fraction=0.1'])
+  assert result.returncode == 1
+  assert rh.nonempty_lines(result.stderr) == [
+      f'error: --workdir: {workdir} holds another run (step {LAST}), whose config differs in '
+      'data.validation_fraction: 0.05 -> 0.1; model.rope_theta: 10000.0 -> 5000.0; use a fresh --workdir, or pass '
+      '--config.checkpoint.allow_config_change=True to continue it with this config']
+  assert (workdir / 'config.json').read_text() == config_before
+  assert rh.steps(workdir) == KEPT
+
+
+def test_allow_config_change_continues_the_run(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  result = rh.train(workdir, base[1] + ['--config.model.rope_theta=5000.0', f'--config.train.steps={LAST + 3}',
+                                        '--config.checkpoint.allow_config_change=True'])
+  assert result.returncode == 0, result.stderr
+  assert f'resumed from step {LAST} in {workdir}/checkpoints' in result.stdout
+  assert rh.steps(workdir)[-1] == LAST + 3
+  assert json.loads((workdir / 'config.json').read_text())['model']['rope_theta'] == 5000.0
+
+
+def test_parameters_of_another_shape_are_refused_not_treated_as_damage(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  with pytest.raises(ConfigError, match=rf"^checkpoint: step {LAST} in .* holds parameters of another shape "
+                                        r"\(parameter \['block_0'\]\['attn'\]\['k_proj'\]\['kernel'\] has shape "
+                                        r'\(64, 64\) saved but the model needs \(32, 32\)\), so this model cannot '
+                                        r'continue that run; use a fresh --workdir'):
+    restore(workdir, d_model=32)
+  assert rh.steps(workdir) == KEPT
+  assert not os.path.exists(f'{workdir}/checkpoints_corrupt')
+
+
+def test_old_steps_are_retired_by_one_rename(base, tmp_path, monkeypatch):
+  """Orbax deletes a step file by file, so a kill then would leave a half-deleted step; it is renamed away first."""
+  workdir = copy_of(base, tmp_path)
+  renames = []
+  replace = os.replace
+
+  def recording_replace(source, target):
+    renames.append((os.path.basename(source), os.path.relpath(target, workdir / 'checkpoints')))
+    return replace(source, target)
+
+  monkeypatch.setattr(os, 'replace', recording_replace)
+  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False)
+  try:
+    step, state, data = checkpoints.restore_latest(abstract_state(workdir))
+    checkpoints.save(step + 3, state, data, json.loads((workdir / 'config.json').read_text()))
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+  assert (str(FIRST), os.path.join(checkpoint_lib.DELETING, str(FIRST))) in renames
+  assert rh.steps(workdir) == [PREVIOUS, LAST, LAST + 3]
+  assert os.listdir(workdir / 'checkpoints' / checkpoint_lib.DELETING) == []
