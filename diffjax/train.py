@@ -5,6 +5,7 @@ Running the same command again resumes from the newest checkpoint in DIR.
 
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -13,6 +14,8 @@ from diffjax.errors import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+MULTIHOST = flags.DEFINE_bool('multihost', False, 'One process per host of a TPU pod slice or GPU cluster: join '
+                              'the others (JAX finds them on TPU VMs and under SLURM).')
 
 
 @cli.report_errors
@@ -21,6 +24,8 @@ def main(argv):
   if CONFIG.value is None or WORKDIR.value is None:
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
   config, workdir = cli.config_value(CONFIG), os.path.abspath(WORKDIR.value)
+  if MULTIHOST.value:
+    jax.distributed.initialize()
   validate.check_config(config, workdir)
   run = trainer.Run(config, workdir)
   summary = run.train()
