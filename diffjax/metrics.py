@@ -101,7 +101,9 @@ def read_records(workdir: str) -> list[dict]:
 
 def plot_curves(workdir: str) -> str | None:
   """WORKDIR/curves.png: training and validation loss, and DIFF V1's λ per layer, against the step."""
-  records = read_records(workdir)
+  # After a resume, steps since the last checkpoint are run and logged again: the last record of a step wins.
+  records = list({(r['step'], 'eval_loss' in r): r for r in read_records(workdir)}.values())
+  records.sort(key=lambda r: r['step'])
   train = [(r['step'], r['loss']) for r in records if 'loss' in r]
   if not train:
     return None

@@ -153,6 +153,7 @@ class Run:
     bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
                disable=not log.progress_bar or jax.process_index() != 0)
     pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False
+    first_step = step
 
     def write_pending():
       nonlocal pending, window_start, window_step, last
@@ -165,16 +166,27 @@ class Run:
         state, step_metrics = self.train_fn(state, self._to_device(next(iterator)))
         step += 1
         bar.update(1)
+        if step == first_step + 1:  # throughput windows start after the compilation in the first step
+          jax.block_until_ready(step_metrics)
+          window_start, window_step = time.perf_counter(), step
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
         write_pending()
         if step % log.every_steps == 0 or step == tc.steps:
           pending = (step, step_metrics)
-        if step % log.eval_every_steps == 0 or step == tc.steps:
-          writer.write(step, self.evaluate(state['params']))
+        evaluating = step % log.eval_every_steps == 0 or step == tc.steps
         preempted = watcher.should_stop(step)
-        if step % config.checkpoint.every_steps == 0 or step == tc.steps or preempted:
-          write_pending()  # the save waits for this step anyway; written first, a crash after it loses no record
+        saving = step % config.checkpoint.every_steps == 0 or step == tc.steps or preempted
+        if evaluating or saving:
+          # Both wait for this step anyway. Written first, a crash during them loses no record, and a stop for
+          # non-finite values comes before a meaningless evaluation.
+          write_pending()
+          self._check_finite(state)
+        if evaluating:
+          writer.write(step, self.evaluate(state['params']))
+        if saving:
           self._save(step, state, iterator)
+        if evaluating or saving:  # their time is not training time
+          window_start, window_step = time.perf_counter(), step
         if preempted:
           self.checkpoints.wait()
           say(f'stopped at step {step} on request; checkpoint saved in {self.checkpoints.directory}/{step}')
@@ -201,6 +213,9 @@ class Run:
       record['mfu'] = tokens_per_s * flops_per_token / (jax.device_count() * peak)
     if 'lambda' in values:
       record['lambda'] = values['lambda']
+    memory = jax.local_devices()[0].memory_stats()  # None on CPUs
+    if memory and 'peak_bytes_in_use' in memory:
+      record['peak_memory_gib'] = memory['peak_bytes_in_use'] / 2**30
     writer.write(step, record)
     return {'step': step, **record}
 

@@ -1,5 +1,6 @@
 """Checks a whole run config before anything is compiled or read, so each mistake costs one line of reading."""
 
+import math
 import os
 import tempfile
 
@@ -45,14 +46,13 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   if unknown:
     raise ConfigError(f'{unknown}: unknown config key; see the config keys in README.md (a typo?)')
 
-  for key in POSITIVE:
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-      raise ConfigError(f'{key}: must be a positive number, got {value!r}')
-  for key in NON_NEGATIVE:
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      raise ConfigError(f'{key}: must be zero or positive, got {value!r}')
+  for keys, lowest, wording in ((POSITIVE, 'positive', 'a positive number'),
+                                (NON_NEGATIVE, 'zero', 'zero or positive')):
+    for key in keys:
+      value = _get(config, key)
+      number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      if not number or value < 0 or (lowest == 'positive' and value == 0):
+        raise ConfigError(f'{key}: must be {wording}, got {value!r}')
   for key, choices in CHOICES.items():
     if _get(config, key) not in choices:
       raise ConfigError(f'{key}: unknown value {_get(config, key)!r}; use one of {", ".join(choices)}')

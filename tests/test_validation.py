@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib.util
 import os
 import subprocess
+import sys
 import time
 
 import jax
@@ -72,6 +73,8 @@ IN_PROCESS = {
     'two mesh axes set to -1': ({'mesh__fsdp': -1}, 'mesh'),
     'zero learning rate': ({'train__learning_rate': 0.0}, 'train.learning_rate'),
     'negative learning rate': ({'train__learning_rate': -1e-3}, 'train.learning_rate'),
+    'NaN learning rate': ({'train__learning_rate': float('nan')}, 'train.learning_rate'),
+    'infinite weight decay': ({'train__weight_decay': float('inf')}, 'train.weight_decay'),
     'zero steps': ({'train__steps': 0}, 'train.steps'),
     'negative warmup': ({'train__warmup_steps': -5}, 'train.warmup_steps'),
     'warmup longer than training': ({'train__warmup_steps': 100}, 'train.warmup_steps'),
@@ -187,7 +190,7 @@ def test_cli_fails_fast_with_one_line(kind, cli_results):
 
 def test_the_compile_detector_sees_a_compilation(tmp_path):
   """The check above relies on JAX writing every compilation into the cache; it does."""
-  subprocess.run(['python', '-c', 'import jax; jax.jit(lambda x: x + 1)(1)'], env=rh.env(str(tmp_path / 'cache')),
+  subprocess.run([sys.executable, '-c', 'import jax; jax.jit(lambda x: x + 1)(1)'], env=rh.env(str(tmp_path / 'cache')),
                  check=True, timeout=60)
   assert os.listdir(tmp_path / 'cache')
 
