@@ -150,16 +150,17 @@ def output_stddev(cfg: ModelConfig) -> float:
   return 0.02 / math.sqrt(2 * cfg.n_layers)
 
 
-def _qk(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, n_k: int):
-  """Projects and rotates queries (B, T, n_q, D) and keys (B, T, n_k, D)."""
+def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):
+  """Queries (B, T, n_q, D) and keys (B, T, kv_heads, D), both rotated, and values (B, T, ·, v_width)."""
   b, t, _ = x_BxTxE.shape
   d = cfg.head_dim
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
   q = dense(cfg, n_q * d, ('embed', 'heads'), 'q_proj')(x_BxTxE).reshape(b, t, n_q, d)
-  k = dense(cfg, n_k * d, ('embed', 'kv'), 'k_proj')(x_BxTxE).reshape(b, t, n_k, d)
+  k = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'k_proj')(x_BxTxE).reshape(b, t, cfg.kv_heads, d)
+  v = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, v_width)
   rope = functools.partial(apply_rope, positions_BxT=positions_BxT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
-  return rope(q), rope(k)
+  return rope(q), rope(k), v
 
 
 class DiffAttentionV1(nn.Module):
@@ -177,8 +178,7 @@ class DiffAttentionV1(nn.Module):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads // 2
-    q_BxTx2HxD, k_BxTx2GxD = _qk(cfg, x_BxTxE, positions_BxT, cfg.n_heads, cfg.kv_heads)
-    v_BxTxGx2D = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, 2 * d)
+    q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
     impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
     out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D, self.lam(), impl)
     out_BxTxHx2D = RMSNorm(cfg.norm_eps, name='subln')(out_BxTxHx2D) * (1.0 - lambda_init_for(self.layer))
@@ -196,8 +196,7 @@ class DiffAttentionV2(nn.Module):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads
-    q_BxTx2HxD, k_BxTxKxD = _qk(cfg, x_BxTxE, positions_BxT, 2 * heads, cfg.kv_heads)
-    v_BxTxKxD = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, d)
+    q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, 2 * heads, d)
     impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
     # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
     out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD, impl)
@@ -216,8 +215,7 @@ class MultiHeadAttention(nn.Module):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d = cfg.head_dim
-    q_BxTxNxD, k_BxTxKxD = _qk(cfg, x_BxTxE, positions_BxT, cfg.n_heads, cfg.kv_heads)
-    v_BxTxKxD = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, d)
+    q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, d)
     impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
     out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, impl)
     return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
