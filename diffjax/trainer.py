@@ -94,6 +94,10 @@ class Run:
     if restored is not None:
       step, state, data_state = restored
       iterator.set_state(data_state)
+      if self.config.train.on_nonfinite == 'stop':
+        # Steps that an earlier run in mode 'skip' skipped are history, not a reason for this run to stop.
+        state = {**state, 'nonfinite_steps': jnp.zeros((), jnp.int32),
+                 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
       say(f'resumed from step {step} in {self.checkpoints.directory}')
       return step, state
     state = train_step.init_state(self.cfg, self.tx, self.mesh, self.config.seed)

@@ -65,3 +65,13 @@ def test_skip_mode_skips_counts_and_finishes(tmp_path, corpus):
   assert [r['skipped_steps'] for r in records] == [sum(s <= r['step'] for s in bad) for r in records]
   assert rh.steps(tmp_path)[-1] == 8
   assert_finite_checkpoints(tmp_path)
+
+
+def test_stop_mode_resume_ignores_steps_skipped_before(tmp_path, corpus):
+  assert rh.train(tmp_path, rh.flags(corpus, 6, **DIVERGING, train__on_nonfinite='skip')).returncode == 0
+  assert [r for r in rh.records(tmp_path) if 'loss' in r][-1]['skipped_steps'] > 0
+  # Resumed in mode 'stop', the run stops at its own first bad step (the learning rate still diverges), not at
+  # step 3, which the earlier run skipped.
+  result = rh.train(tmp_path, rh.flags(corpus, 10, **DIVERGING))
+  match = assert_one_error_line(result, r'error: non-finite loss or gradient at step (\d+); last good checkpoint: .*')
+  assert int(match[1]) > 6
