@@ -97,8 +97,12 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
 
 
 def build_input(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
-                workdir: str | None) -> 'InputPipeline':
-  """Prepares the corpus if needed, makes (or reloads from `workdir`) the tokenizer, checks sizes."""
+                workdir: str | None, shard: tuple[int, int] = (0, 1)) -> 'InputPipeline':
+  """Prepares the corpus if needed, makes (or reloads from `workdir`) the tokenizer, checks sizes.
+
+  `shard = (index, count)`: this process trains on every count-th training document from `index` (one shard per
+  host of a multi-host run); validation batches are the same for every shard.
+  """
   validate_data_config(data_cfg)
   if not (isinstance(seq_len, int) and seq_len > 0):
     raise ConfigError(f'seq_len: must be a positive integer, got {seq_len!r}')
@@ -108,8 +112,12 @@ def build_input(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size
   tokenizer = _make_tokenizer(data_cfg, corpus, workdir)
   for split in (corpus.train_split, corpus.eval_split):
     _check_holds_one_sequence(corpus, split, tokenizer, seq_len)
+  num_documents = len(corpus.sources[corpus.train_split])
+  if shard[1] > num_documents:
+    raise ConfigError(f'data.{corpus.config_key}: {num_documents} training documents cannot be shared among '
+                      f'{shard[1]} processes; use a larger corpus or fewer hosts')
   return InputPipeline(corpus=corpus, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       shuffle_window=data_cfg.shuffle_window, num_workers=data_cfg.num_workers)
+                       shuffle_window=data_cfg.shuffle_window, num_workers=data_cfg.num_workers, shard=shard)
 
 
 class TrainIterator:
@@ -147,8 +155,9 @@ class InputPipeline:
   """Training batches (shuffled by document each epoch, endless) and evaluation batches (fixed order)."""
 
   def __init__(self, *, corpus: '_Corpus', tokenizer: tokenizers.Tokenizer, seq_len: int, batch_size: int,
-               seed: int, shuffle_window: int, num_workers: int):
+               seed: int, shuffle_window: int, num_workers: int, shard: tuple[int, int] = (0, 1)):
     self.tokenizer = tokenizer
+    self._shard = shard
     self._corpus = corpus
     self._seq_len = seq_len
     self._batch_size = batch_size
@@ -158,7 +167,8 @@ class InputPipeline:
 
   def train_iterator(self) -> TrainIterator:
     """A new iterator from the start of the training stream; `set_state` moves it elsewhere."""
-    documents = (grain.MapDataset.source(self._corpus.sources[self._corpus.train_split])
+    index, count = self._shard
+    documents = (grain.MapDataset.source(self._corpus.sources[self._corpus.train_split])[index::count]
                  .shuffle(seed=_shuffle_seed(self._seed))
                  .repeat())
     batches = self._batches(documents, drop_remainder=True, seed=self._seed)
@@ -169,6 +179,8 @@ class InputPipeline:
     num_documents = len(self._corpus.sources[self._corpus.train_split])
     corpus_id = (f'{self._corpus.stable_name}[{self._corpus.train_split}]: {num_documents} documents, '
                  f'{type(self.tokenizer).__name__} of {self.tokenizer.vocab_size} tokens')
+    if count > 1:
+      corpus_id += f', shard {index} of {count}'
     return TrainIterator(iter(batches), corpus_id=corpus_id)
 
   def eval_batches(self, num_batches: int) -> grain.IterDataset:

@@ -71,7 +71,8 @@ class Run:
     tc = config.train
     self.pipeline = data_lib.build_input(config.data, seq_len=tc.seq_len,
                                          batch_size=tc.global_batch_size // jax.process_count(),
-                                         seed=config.seed + jax.process_index(), workdir=self.workdir)
+                                         seed=config.seed, workdir=self.workdir,
+                                         shard=(jax.process_index(), jax.process_count()))
     self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)

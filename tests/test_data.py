@@ -53,9 +53,9 @@ def _config(tmp_path: pathlib.Path, **overrides):
   return cfg
 
 
-def _local_pipeline(tmp_path, *, seq_len=16, batch_size=4, seed=0, **overrides):
+def _local_pipeline(tmp_path, *, seq_len=16, batch_size=4, seed=0, shard=(0, 1), **overrides):
   cfg = _config(tmp_path, source='local', text_glob=str(tmp_path / 'corpus'), **overrides)
-  return data.build_input(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, workdir=None)
+  return data.build_input(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, workdir=None, shard=shard)
 
 
 def _split_texts(tmp_path, split: str, data_dir=None) -> list[tuple[str, str]]:
@@ -533,3 +533,23 @@ def test_errors_are_one_line(tmp_path):
     data.build_input(cfg, seq_len=8, batch_size=1, seed=0, workdir=None)
   assert '\n' not in str(error.value)
   assert os.linesep not in str(error.value)
+
+
+def test_process_shards_split_the_training_documents(tmp_path):
+  _write_corpus(tmp_path / 'corpus', num_docs=40)
+  train = sorted(text for _, text in _split_texts(tmp_path, 'train'))
+  seen = []
+  for index in range(2):
+    pipeline = _local_pipeline(tmp_path, shuffle_window=1, shard=(index, 2))
+    tokens_per_epoch = sum(len(pipeline.tokenizer.encode(text)) + 1 for text in train)
+    stream = _token_stream(_take(pipeline.train_iterator(), tokens_per_epoch // (4 * 17) + 2))
+    seen.append(set(_documents_of(stream, pipeline.tokenizer)[:-1]))  # the last document may be cut short
+  assert not seen[0] & seen[1]  # disjoint shards ...
+  assert len(seen[0] | seen[1]) >= len(train) - 2  # ... that together cover the split
+  assert seen[0] | seen[1] <= set(train)
+
+
+def test_more_processes_than_documents_is_an_error(tmp_path):
+  _write_corpus(tmp_path / 'corpus', num_docs=6)
+  with pytest.raises(ConfigError, match='cannot be shared among 9 processes'):
+    _local_pipeline(tmp_path, shard=(0, 9))
