@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffjax import defaults
 from diffjax.errors import ConfigError
 
 ITEMS = ('state', 'data', 'config')
@@ -145,11 +146,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
   A key only one side has (added to or removed from diffjax since the run started) is not a difference.
   """
-  def flatten(tree, prefix=''):
-    if isinstance(tree, dict):
-      return {k: v for key, sub in tree.items() for k, v in flatten(sub, f'{prefix}{key}.').items()}
-    return {prefix[:-1]: tree}
-  old, new = flatten(saved), flatten(current)
+  old, new = defaults.flatten(saved), defaults.flatten(current)
   keys = sorted(k for k in set(old) & set(new)
                 if any(k == p or k.startswith(p + '.') for p in RUN_IDENTITY) and k not in NOT_IDENTITY)
   return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old[k] != new[k]]

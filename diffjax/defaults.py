@@ -56,6 +56,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """A nested config dict as {'section.key': value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   """The validated ModelConfig of a run, with the 0 placeholders resolved."""
   values = config.model.to_dict()

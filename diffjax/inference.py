@@ -6,15 +6,8 @@ from diffjax.errors import ConfigError
 
 def run_config(workdir: str):
   """The run's saved config over today's defaults, so keys added since it was written get their defaults."""
-  saved = cli.load_run_config(workdir).to_dict()
-  def flatten(tree, prefix=''):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        yield from flatten(value, f'{prefix}{key}.')
-      else:
-        yield f'{prefix}{key}', value
   config = defaults.base_config()
-  config.update_from_flattened_dict(dict(flatten(saved)))
+  config.update_from_flattened_dict(defaults.flatten(cli.load_run_config(workdir).to_dict()))
   return config
 
 

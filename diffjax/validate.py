@@ -57,9 +57,12 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
     if _get(config, key) not in choices:
       raise ConfigError(f'{key}: unknown value {_get(config, key)!r}; use one of {", ".join(choices)}')
   tc = config.train
-  for key in ('b1', 'b2', 'end_lr_ratio'):
-    if not tc[key] < 1.0 + (key == 'end_lr_ratio'):
+  for key in ('b1', 'b2'):
+    if not tc[key] < 1.0:
       raise ConfigError(f'train.{key}: must be below 1, got {tc[key]}')
+  if tc.end_lr_ratio > 1.0:
+    raise ConfigError(f'train.end_lr_ratio: the final learning rate is this fraction of the peak, so it must be at '
+                      f'most 1, got {tc.end_lr_ratio}')
   if tc.warmup_steps >= tc.steps:
     raise ConfigError(f'train.warmup_steps: {tc.warmup_steps} warmup steps do not fit in train.steps={tc.steps}; '
                       'make warmup shorter than training')

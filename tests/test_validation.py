@@ -81,6 +81,7 @@ IN_PROCESS = {
     'unknown schedule': ({'train__decay': 'step'}, 'train.decay'),
     'unknown non-finite mode': ({'train__on_nonfinite': 'ignore'}, 'train.on_nonfinite'),
     'beta of 1 or more': ({'train__b2': 1.0}, 'train.b2'),
+    'final learning rate above the peak': ({'train__end_lr_ratio': 1.5}, 'train.end_lr_ratio'),
     'negative weight decay': ({'train__weight_decay': -0.1}, 'train.weight_decay'),
     'zero checkpoint interval': ({'checkpoint__every_steps': 0}, 'checkpoint.every_steps'),
     'missing init_from': ({'checkpoint__init_from': '/no/such/run'}, 'checkpoint.init_from'),
