@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from etils import epath
+import numpy as np
 import sentencepiece as spm
 
 from diffjax.errors import ConfigError
@@ -20,6 +21,10 @@ class Tokenizer(Protocol):
   pad_id: int
 
   def encode(self, text: str) -> list[int]:
+    ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """The ids of each text, as arrays; fast enough to tokenize a whole corpus once."""
     ...
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -36,6 +41,9 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode('utf-8'))
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.frombuffer(text.encode('utf-8'), np.uint8) for text in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
     data = bytes(int(i) for i in ids if 0 <= i < 256)
@@ -108,6 +116,14 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._processor.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    ids = self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
+    return [np.asarray(row, np.int32) for row in ids]
+
+  @property
+  def model_proto(self) -> bytes:
+    return self._model_proto
 
   def decode(self, ids: Sequence[int]) -> str:
     # The processor turns control ids (PAD, EOS) into nothing but rejects ids outside the vocabulary.

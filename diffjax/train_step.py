@@ -33,21 +33,26 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
           'nonfinite_steps': replicated, 'first_nonfinite_step': replicated}
 
 
-def new_state(cfg: ModelConfig, tx, seed: int) -> State:
-  params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+def new_state(cfg: ModelConfig, tx, key: jax.Array) -> State:
+  params = nn.meta.unbox(model_lib.Transformer(cfg).init(key, jnp.zeros((1, 8), jnp.int32)))
   return {'step': jnp.zeros((), jnp.int32), 'params': params['params'], 'opt_state': tx.init(params['params']),
           'nonfinite_steps': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
 
 
 def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> State:
-  """Creates the train state directly in its shards: no device ever holds a full copy first."""
+  """Creates the train state directly in its shards: no device ever holds a full copy first.
+
+  The key is an argument, not a constant of the traced function: with a constant key every initialiser is a
+  constant expression, and XLA's GPU compiler spends minutes folding the random draws of a large model.
+  """
   with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    return jax.jit(functools.partial(new_state, cfg, tx, seed), out_shardings=state_shardings(cfg, tx, mesh))()
+    create = jax.jit(functools.partial(new_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))
+    return create(jax.random.key(seed))
 
 
-def abstract_state(cfg: ModelConfig, tx, mesh, seed: int = 0) -> State:
+def abstract_state(cfg: ModelConfig, tx, mesh) -> State:
   """Shapes, dtypes and shardings of the train state, without computing anything (the target of a restore)."""
-  shapes = jax.eval_shape(functools.partial(new_state, cfg, tx, seed))
+  shapes = jax.eval_shape(functools.partial(new_state, cfg, tx), jax.random.key(0))
   return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
                       state_shardings(cfg, tx, mesh))
 
@@ -75,14 +80,18 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
     ce, z, tokens = token_losses(cfg, params, microbatch, train_cfg.z_loss)
     return ce + z, (ce, tokens)
 
-  def accumulate(carry, microbatch):
-    grads, ce_sum, token_sum = carry
-    (_, (ce, tokens)), micro_grads = jax.value_and_grad(loss_sums, has_aux=True)(state['params'], microbatch)
-    return (jax.tree.map(jnp.add, grads, micro_grads), ce_sum + ce, token_sum + tokens), None
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  if train_cfg.microbatches == 1:  # no accumulation loop, and no zero-filled gradient buffers to add into
+    (_, (ce_sum, token_sum)), grad_sums = grad_fn(state['params'], batch)
+  else:
+    def accumulate(carry, microbatch):
+      grads, ce_sum, token_sum = carry
+      (_, (ce, tokens)), micro_grads = grad_fn(state['params'], microbatch)
+      return (jax.tree.map(jnp.add, grads, micro_grads), ce_sum + ce, token_sum + tokens), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state['params'])
-  (grad_sums, ce_sum, token_sum), _ = jax.lax.scan(
-      accumulate, (zeros, 0.0, 0.0), _split_microbatches(batch, train_cfg.microbatches))
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    (grad_sums, ce_sum, token_sum), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0), _split_microbatches(batch, train_cfg.microbatches))
   # Dividing the summed gradient by the global token count makes k microbatches equal one big batch.
   denominator = jnp.maximum(token_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)

@@ -69,10 +69,13 @@ class Run:
     if latest:  # a workdir of another run is refused before its data is prepared or a tokenizer trained
       self._check_same_run(*latest)
     tc = config.train
+    self.started = time.perf_counter()
+    # Process 0 prepares the data once; the others wait for it here, then read the same files.
+    barrier = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
     self.pipeline = data_lib.build_input(config.data, seq_len=tc.seq_len,
                                          batch_size=tc.global_batch_size // jax.process_count(),
                                          seed=config.seed, workdir=self.workdir,
-                                         shard=(jax.process_index(), jax.process_count()))
+                                         shard=(jax.process_index(), jax.process_count()), barrier=barrier)
     self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
@@ -144,7 +147,7 @@ class Run:
   def train(self) -> dict:
     config, tc, log = self.config, self.config.train, self.config.log
     os.makedirs(self.workdir, exist_ok=True)
-    iterator = self.pipeline.train_iterator()
+    iterator = self.pipeline.train_iterator(to_device=self._to_device)
     step, state = self.initial_state(iterator)
     if jax.process_index() == 0:  # only now: a workdir of another run keeps its config.json
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
@@ -163,17 +166,19 @@ class Run:
     def write_pending():
       nonlocal pending, window_start, window_step, last
       if pending is not None:
-        last = self._log(writer, *pending, window_start, window_step, flops_per_token, peak)
+        last = self._log(writer, *pending, window_start, window_step, iterator, flops_per_token, peak)
         pending, window_start, window_step = None, time.perf_counter(), last['step']
 
     try:
       while step < tc.steps:
-        state, step_metrics = self.train_fn(state, self._to_device(next(iterator)))
+        state, step_metrics = self.train_fn(state, next(iterator))
         step += 1
         bar.update(1)
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
-          window_start, window_step = time.perf_counter(), step
+          writer.write(step, {'first_step_s': time.perf_counter() - window_start,
+                              'startup_s': time.perf_counter() - self.started})
+          window_start, window_step, iterator.wait_seconds = time.perf_counter(), step, 0.0
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
         write_pending()
         if step % log.every_steps == 0 or step == tc.steps:
@@ -191,7 +196,7 @@ class Run:
         if saving:
           self._save(step, state, iterator)
         if evaluating or saving:  # their time is not training time
-          window_start, window_step = time.perf_counter(), step
+          window_start, window_step, iterator.wait_seconds = time.perf_counter(), step, 0.0
         if preempted:
           self.checkpoints.wait()
           say(f'stopped at step {step} on request; checkpoint saved in {self.checkpoints.directory}/{step}')
@@ -199,6 +204,7 @@ class Run:
       write_pending()
       self._check_finite(state)
     finally:
+      iterator.close()
       bar.close()
       watcher.close()
       self.checkpoints.wait()
@@ -206,14 +212,17 @@ class Run:
     self.state = state
     return {**last, 'step': step, 'preempted': preempted}
 
-  def _log(self, writer, step, step_metrics, window_start, window_step, flops_per_token, peak):
+  def _log(self, writer, step, step_metrics, window_start, window_step, iterator, flops_per_token, peak):
     values = jax.device_get(step_metrics)
     self._check_finite(values)
     seconds = max(time.perf_counter() - window_start, 1e-9)
+    steps = max(step - window_step, 1)
     tokens_per_s = (step - window_step) * self.config.train.global_batch_size * self.config.train.seq_len / seconds
+    # Time the loop stood waiting for the next batch: near 0 when the input pipeline keeps up with the step.
     record = {'loss': float(values['loss']), 'learning_rate': float(values['learning_rate']),
               'grad_norm': float(values['grad_norm']), 'tokens_per_s': tokens_per_s,
-              'skipped_steps': int(values['nonfinite_steps'])}
+              'data_wait_ms': 1e3 * iterator.wait_seconds / steps, 'skipped_steps': int(values['nonfinite_steps'])}
+    iterator.wait_seconds = 0.0
     if peak:
       record['mfu'] = tokens_per_s * flops_per_token / (jax.device_count() * peak)
     if 'lambda' in values:

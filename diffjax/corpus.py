@@ -1,0 +1,212 @@
+"""Where training text comes from: local `.txt`/`.txt.gz` files, Python's standard library, or a TFDS dataset.
+
+A corpus is two random-access sequences of document texts (train and validation) and a key that names it. The key
+changes when the corpus does (files added, edited or re-split), so prepared data is never reused for another corpus.
+Local files are split by document, by a hash of each file's name, so the split is stable as files come and go.
+"""
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from diffjax.errors import ConfigError
+
+TRAIN, VALIDATION = 'train', 'validation'
+_TEXT_SUFFIXES = ('.txt', '.txt.gz')
+_UTF8_BOM = b'\xef\xbb\xbf'
+# Tests and vendored packages would dominate the standard library's text.
+_STDLIB_SKIPPED_FOLDERS = frozenset({'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'})
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  key: str  # a folder name: the same files (names, sizes, times) and split give the same key
+  identity: str  # names the corpus in a saved input position; stays the same on a copy of the files
+  config_key: str  # the config key that chose the corpus, for error messages
+  splits: dict[str, Sequence[str]]  # TRAIN / VALIDATION -> document texts
+
+
+class _FileTexts(Sequence):
+  def __init__(self, paths: list[str]):
+    self._paths = paths
+
+  def __len__(self):
+    return len(self._paths)
+
+  def __getitem__(self, index):
+    return read_document(self._paths[index])
+
+
+class _ExampleTexts(Sequence):
+  """The `text_key` feature of a TFDS random-access source, as str."""
+
+  def __init__(self, source, text_key: str):
+    self._source, self._text_key = source, text_key
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    value = self._source[index][self._text_key]
+    # TFDS returns Text features as UTF-8 bytes.
+    return value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
+
+
+def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
+  if data_cfg.source == 'tfds':
+    return _tfds_corpus(data_cfg)
+  if data_cfg.source == 'local':
+    files = [path for path in find_text_files(data_cfg.text_glob) if not _is_empty(path)]
+    if not files:
+      raise ConfigError(f'data.text_glob: every file matching {data_cfg.text_glob!r} is empty; point it at text '
+                        'files with content')
+    if len(files) < 2:
+      raise ConfigError(f'data.text_glob: only one non-empty document matches {data_cfg.text_glob!r}; documents '
+                        'go whole to train or validation, so point it at two or more files')
+    root = os.path.commonpath([os.path.dirname(path) for path in files])
+    # The folder's name keeps prepared corpora recognisable when listing the data directory.
+    prefix, config_key = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root).lower()).strip('_') or 'text', 'text_glob'
+  else:
+    root = sysconfig.get_paths()['stdlib']
+    files = [path for path in stdlib_source_files(root) if os.path.getsize(path) > 0]
+    prefix, config_key = f'python{sys.version_info.major}{sys.version_info.minor}', 'source'
+  names = [os.path.relpath(path, root) for path in files]
+  validation = validation_documents(names, data_cfg.validation_fraction)
+  splits = {TRAIN: _FileTexts([p for p, n in zip(files, names) if n not in validation]),
+            VALIDATION: _FileTexts([p for p, n in zip(files, names) if n in validation])}
+  fraction = f'validation_fraction={data_cfg.validation_fraction!r}'
+  sizes = [f'{name}\t{os.path.getsize(path)}' for name, path in zip(names, files)]
+  times = [str(os.stat(path).st_mtime_ns) for path in files]
+  return Corpus(key=f'{prefix}_{_digest([fraction, *sizes, *times])}',
+                identity=f'{prefix} ({len(files)} files, {_digest([fraction, *sizes])})',
+                config_key=config_key, splits=splits)
+
+
+def _tfds_corpus(data_cfg) -> Corpus:
+  import tensorflow_datasets as tfds  # only this source needs it, and it is slow to import
+  name = data_cfg.tfds_name
+  try:
+    builder = tfds.builder(name, data_dir=data_cfg.data_dir)
+  except Exception as e:  # TFDS raises several types for unknown names, configs and versions.
+    raise ConfigError(f'data.tfds_name: no TFDS dataset {name!r} ({first_line(e)}); use a name from the TFDS '
+                      "catalog such as 'lm1b', or data.source='local' for text files") from e
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except Exception as e:  # Network, manual-download and missing-dependency failures all end here.
+      raise ConfigError(f'data.tfds_name: {name!r} is not prepared in {builder.data_dir_root} and could not be '
+                        f'downloaded and prepared ({type(e).__name__}: {first_line(e)}); set data.data_dir to a '
+                        f'folder that holds it, run `tfds build {name} --file_format=array_record --data_dir=DIR` '
+                        "where it can download, or use data.source='local' on text files") from e
+  features = list(builder.info.features.keys())
+  if data_cfg.text_key not in features:
+    raise ConfigError(f'data.text_key: {data_cfg.text_key!r} is not a feature of {builder.info.full_name}; '
+                      f'use one of {", ".join(features)}')
+  splits = {}
+  for split, key, requested in ((TRAIN, 'train_split', data_cfg.train_split),
+                                (VALIDATION, 'eval_split', data_cfg.eval_split)):
+    if requested not in builder.info.splits:
+      raise ConfigError(f'data.{key}: {builder.info.full_name} has no split {requested!r}; use one of '
+                        f'{", ".join(builder.info.splits)}')
+    try:
+      splits[split] = _ExampleTexts(builder.as_data_source(requested), data_cfg.text_key)
+    except (NotImplementedError, ValueError) as e:
+      raise ConfigError(f'data.tfds_name: {builder.info.full_name} in {builder.data_dir} has no random-access '
+                        f'files ({first_line(e)}); rebuild it with `tfds build {builder.name} '
+                        '--file_format=array_record`') from e
+  identity = f'{builder.info.full_name}[{data_cfg.train_split}|{data_cfg.eval_split}].{data_cfg.text_key}'
+  slug = re.sub(r'[^a-z0-9.]+', '_', builder.info.full_name.lower())
+  return Corpus(key=f'{slug}_{_digest([identity])}', identity=identity, config_key='tfds_name', splits=splits)
+
+
+def check_text_glob(text_glob: str) -> None:
+  """Raises ConfigError if `text_glob`, or the folder a glob searches, does not exist; reads no files."""
+  pattern = os.path.expanduser(text_glob)
+  if _is_glob(pattern):
+    parts = pattern.split(os.sep)
+    fixed = parts[:next(i for i, part in enumerate(parts) if _is_glob(part))]
+    folder = os.sep.join(fixed) or os.curdir
+    if not os.path.isdir(folder):
+      raise ConfigError(f'data.text_glob: the folder {folder!r} of {text_glob!r} does not exist; point it at a '
+                        'folder, file or glob of .txt or .txt.gz files')
+  elif not os.path.exists(pattern):
+    raise ConfigError(f'data.text_glob: {text_glob!r} does not exist; point it at a folder, file or glob of '
+                      '.txt or .txt.gz files')
+
+
+def find_text_files(text_glob: str) -> list[str]:
+  """Sorted `.txt` / `.txt.gz` files in a folder (recursively), a single file, or matching a glob."""
+  check_text_glob(text_glob)
+  pattern = os.path.expanduser(text_glob)
+  if _is_glob(pattern):
+    candidates = glob.glob(pattern, recursive=True)
+  elif os.path.isdir(pattern):
+    candidates = [os.path.join(folder, name) for folder, _, names in os.walk(pattern) for name in names]
+  else:
+    candidates = [pattern]
+  files = sorted(os.path.abspath(path) for path in candidates
+                 if path.endswith(_TEXT_SUFFIXES) and os.path.isfile(path))
+  if not files:
+    raise ConfigError(f'data.text_glob: no .txt or .txt.gz files match {text_glob!r}; point it at a folder or '
+                      'glob of text files')
+  return files
+
+
+def stdlib_source_files(root: str) -> list[str]:
+  """Sorted `.py` files under the standard library folder `root`, skipping tests and installed packages."""
+  files = []
+  for folder, subfolders, names in os.walk(root):
+    subfolders[:] = [name for name in subfolders if name not in _STDLIB_SKIPPED_FOLDERS]
+    files.extend(os.path.join(folder, name) for name in names if name.endswith('.py'))
+  return sorted(files)
+
+
+def read_document(path: str) -> str:
+  """The text of a file: gunzipped if `.gz`, UTF-8 without BOM, with LF line ends."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  # A stray invalid byte should not stop preparing a whole corpus; it becomes U+FFFD.
+  return data.decode('utf-8-sig', errors='replace').replace('\r\n', '\n')
+
+
+def validation_documents(names: list[str], validation_fraction: float) -> set[str]:
+  """The names that go to validation, chosen by a hash of the name; with two or more documents each split gets one."""
+  score = {name: int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2**64
+           for name in names}
+  chosen = {name for name in names if score[name] < validation_fraction}
+  if len(names) >= 2:
+    if not chosen:
+      chosen = {min(names, key=score.__getitem__)}
+    elif len(chosen) == len(names):
+      chosen.remove(max(names, key=score.__getitem__))
+  return chosen
+
+
+def first_line(error: Any) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__
+
+
+def _digest(parts: list[str]) -> str:
+  return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:16]
+
+
+def _is_glob(pattern: str) -> bool:
+  return any(wildcard in pattern for wildcard in '*?[')
+
+
+def _is_empty(path: str) -> bool:
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    head = f.read(len(_UTF8_BOM) + 1)
+  return head in (b'', _UTF8_BOM)
