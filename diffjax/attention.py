@@ -128,15 +128,18 @@ def reparameterised_lambda(attn_params, layer: int):
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learnable scale (ones at init); computes and returns float32."""
+  """RMSNorm over the last axis with a learnable scale (ones at init), or none; computes and returns float32."""
   eps: float = 1e-5
+  learnable_scale: bool = True
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                       (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    if not self.learnable_scale:
+      return x
+    return x * self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                          (x.shape[-1],), jnp.float32)
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float = 0.02):
@@ -146,8 +149,8 @@ def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float
 
 
 def output_stddev(cfg: ModelConfig) -> float:
-  # Residual-branch outputs are scaled down with depth so the residual stream's variance stays O(1) at init.
-  return 0.02 / math.sqrt(2 * cfg.n_layers)
+  # Scaled down with depth, the residual stream's variance stays O(1) at init however many blocks add to it.
+  return 0.02 / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else 0.02
 
 
 def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):
@@ -181,7 +184,8 @@ class DiffAttentionV1(nn.Module):
     q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
     impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
     out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D, self.lam(), impl)
-    out_BxTxHx2D = RMSNorm(cfg.norm_eps, name='subln')(out_BxTxHx2D) * (1.0 - lambda_init_for(self.layer))
+    out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
+    out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer))
     return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
         out_BxTxHx2D.reshape(b, t, heads * 2 * d))
 

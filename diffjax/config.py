@@ -38,6 +38,11 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype; parameters, softmax and λ stay float32
   norm_eps: float = 1e-5
   remat: bool = False  # recompute each block in the backward pass to save activation memory
+  # Residual-branch output projections (attention out_proj, FFN down_proj) start at N(0, 0.02/sqrt(2 n_layers))
+  # (GPT-2, Megatron) if True, at N(0, 0.02) like every other matrix (Hugging Face Llama and DiffLlama) if False.
+  scale_residual_init: bool = True
+  # DIFF V1's per-head RMSNorm has a learnable scale (the official code) if True, none (Hugging Face) if False.
+  subln_scale: bool = True
 
   @property
   def kv_heads(self) -> int:

@@ -29,8 +29,8 @@ _STDLIB_SKIPPED_FOLDERS = frozenset({'site-packages', 'dist-packages', 'test', '
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  key: str  # a folder name: the same files (names, sizes, times) and split give the same key
-  identity: str  # names the corpus in a saved input position; stays the same on a copy of the files
+  key: str  # a folder name: the same documents and split give the same key, on any machine
+  identity: str  # names the corpus in a saved input position
   config_key: str  # the config key that chose the corpus, for error messages
   splits: dict[str, Sequence[str]]  # TRAIN / VALIDATION -> document texts
 
@@ -83,11 +83,11 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
   validation = validation_documents(names, data_cfg.validation_fraction)
   splits = {TRAIN: _FileTexts([p for p, n in zip(files, names) if n not in validation]),
             VALIDATION: _FileTexts([p for p, n in zip(files, names) if n in validation])}
-  fraction = f'validation_fraction={data_cfg.validation_fraction!r}'
-  sizes = [f'{name}\t{os.path.getsize(path)}' for name, path in zip(names, files)]
-  times = [str(os.stat(path).st_mtime_ns) for path in files]
-  return Corpus(key=f'{prefix}_{_digest([fraction, *sizes, *times])}',
-                identity=f'{prefix} ({len(files)} files, {_digest([fraction, *sizes])})',
+  # Names, sizes and a hash of each file's ends: a copy of the corpus keeps its key (and its prepared data), an
+  # edit changes it, and nothing needs reading in full.
+  digest = _digest([f'validation_fraction={data_cfg.validation_fraction!r}',
+                    *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
+  return Corpus(key=f'{prefix}_{digest}', identity=f'{prefix} ({len(files)} files, {digest})',
                 config_key=config_key, splits=splits)
 
 
@@ -199,6 +199,13 @@ def first_line(error: Any) -> str:
 
 def _digest(parts: list[str]) -> str:
   return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:16]
+
+
+def _ends_digest(path: str, span: int = 1 << 16) -> str:
+  with open(path, 'rb') as f:
+    head = f.read(span)
+    f.seek(max(0, os.path.getsize(path) - span))
+    return hashlib.sha256(head + f.read()).hexdigest()[:16]
 
 
 def _is_glob(pattern: str) -> bool:
