@@ -19,7 +19,7 @@ from diffjax.errors import ConfigError
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 PROMPT = flags.DEFINE_string('prompt', 'def attention(query, key, value):\n    return', 'Text to look at.')
 LAYER = flags.DEFINE_integer('layer', -1, 'Layer (0-based; negative counts from the last).')
-HEAD = flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).')
+HEAD = flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).', lower_bound=0)
 
 
 def layer_maps(cfg: ModelConfig, params, tokens_1xT, layer: int) -> dict[str, np.ndarray]:
@@ -86,7 +86,7 @@ def main(argv):
   layer = LAYER.value % cfg.n_layers
   maps = layer_maps(cfg, jax.device_get(state['params']), jnp.asarray([ids], jnp.int32), layer)
   heads = next(iter(v for k, v in maps.items() if k != 'lambda')).shape[0]
-  if not 0 <= HEAD.value < heads:
+  if HEAD.value >= heads:
     raise ConfigError(f'--head: {HEAD.value} is out of range; this layer has {heads} heads (0..{heads - 1})')
   labels = [repr(tokenizer.decode([i]))[1:-1] or '·' for i in ids]
   path = os.path.join(WORKDIR.value, f'attention_layer{layer}_head{HEAD.value}.png')

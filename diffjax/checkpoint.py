@@ -3,47 +3,59 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
 no step directory behind, only a temporary one that the next start removes. Old steps are renamed out of the
 way before they are deleted, so a run killed mid-deletion leaves no half-deleted step either. A step that is
-present but unreadable (a truncated or deleted file) is moved aside and the previous step is used instead.
+present but unreadable (a truncated or deleted file, or an array whose checksum no longer matches) is moved aside
+and the previous step is used instead.
+
+Only the workdir's writer (the training run holding its lock) removes, moves or deletes anything here; a reader
+(evaluate, sample, attention maps) opens the checkpoints read-only and sees only completed steps.
 """
 
+import contextlib
+import gc
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from diffjax import defaults
-from diffjax.errors import ConfigError
+from diffjax.errors import ConfigError, SaveError
 
-ITEMS = ('state', 'data', 'config')
+ITEMS = ('state', 'data', 'config', 'checksums')
 # Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where
 # the same model and data are computed and read.
 RUN_IDENTITY = ('model', 'data', 'train.seq_len')
-NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'data.data_dir', 'data.read_threads', 'data.prefetch_batches')
+NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'data.data_dir', 'data.num_workers')
 # Orbax renames steps beyond `keep` into this subdirectory (one atomic rename), where they are deleted.
 DELETING = '.deleting'
 
 
 class Checkpointer:
-  """Saves every `every_steps` steps, keeps the last `keep`, restores the newest readable step."""
+  """Saves every `every_steps` steps, keeps the last `keep`, restores the newest readable step.
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool):
-    self.directory = os.path.abspath(directory)
+  With `read_only`, it only restores: no clean-up, no moving aside, no saving.
+  """
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool, read_only: bool = False):
+    self.directory, self.read_only, self.failed = os.path.abspath(directory), read_only, False
     # Unfinished saves of a killed run are removed here, synchronously: Orbax's own clean-up runs in a thread
     # that a start failing right away (a config error) would leave running at exit.
-    if jax.process_index() == 0 and os.path.isdir(self.directory):
+    if not read_only and jax.process_index() == 0 and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
         if ocp.path.step.TMP_DIR_SUFFIX in name:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    if jax.process_count() > 1:
+    if not read_only and jax.process_count() > 1:
       multihost_utils.sync_global_devices('diffjax: unfinished checkpoints removed')
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                                           todelete_subdir=DELETING)
+    options = ocp.CheckpointManagerOptions(
+        read_only=True) if read_only else ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, todelete_subdir=DELETING)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._purge_deleted()
 
@@ -52,21 +64,44 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config: dict):
     self._purge_deleted()
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)),
-        force=True)
+    with self._failing_save():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
+          checksums=ocp.args.JsonSave(checksums(state))), force=True)
+
+  def check(self):
+    """Raises SaveError as soon as an asynchronous save has failed, so no step is trained after it."""
+    with self._failing_save():
+      self.manager.check_for_errors()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    if self.failed:  # Orbax's threads of a failed save may never finish
+      return
+    with self._failing_save():
+      self.manager.wait_until_finished()
     self._purge_deleted()
 
   def close(self):
-    self.manager.close()
+    if not self.failed:
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _failing_save(self):
+    try:
+      yield
+    except Exception as error:
+      self.failed = True
+      committed = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit()) if os.path.isdir(
+          self.directory) else []
+      last_good = f'step {committed[-1]} in {self.directory}' if committed else 'none'
+      raise SaveError(f'checkpoint: saving to {self.directory} failed ({_first_line(error)}); last good checkpoint: '
+                      f'{last_good}. Fix the cause (disk space, permissions) and run the same command to resume '
+                      'from it') from error
 
   def _purge_deleted(self):
     """Deletes the steps Orbax retired; an entry it renames in meanwhile waits for the next call."""
     folder = os.path.join(self.directory, DELETING)
-    if jax.process_index() == 0 and os.path.isdir(folder):
+    if not self.read_only and jax.process_index() == 0 and os.path.isdir(folder):
       for name in os.listdir(folder):
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
@@ -86,44 +121,62 @@ class Checkpointer:
     """(step, state, data_state) of the newest readable checkpoint, or None when there is none at all.
 
     `check_config(step, saved_config)` may raise ConfigError to refuse a checkpoint of another run. Unreadable
-    steps newer than the one restored are moved to `<dir>_corrupt/` (kept for inspection, out of Orbax's way),
-    each with a one-line warning. Raises ConfigError, moving nothing, if steps exist but none can be read: a run
-    never silently restarts from scratch.
+    steps newer than the one restored, and steps whose arrays no longer match their checksums, are moved to
+    `<dir>_corrupt/` (kept for inspection, out of Orbax's way; left in place when read-only), each with a one-line
+    warning. Raises ConfigError, moving nothing, if steps exist but none can be read: a run never silently
+    restarts from scratch.
     """
     steps, unreadable = self.steps(), []
     for step in reversed(steps):
       try:
         config = self._read_config(step)
       except Exception as error:  # any failure to read means this step cannot be trusted
-        unreadable.append((step, error))
+        unreadable.append((step, _first_line(error)))
         continue
       check_config(step, config)
       state_dir = os.path.join(self.directory, str(step), 'state')
       try:
         saved_shapes = _param_shapes(state_dir)
       except Exception as error:
-        unreadable.append((step, error))
+        unreadable.append((step, _first_line(error)))
         continue
       mismatch = shape_mismatch(saved_shapes, abstract_state['params'])
       if mismatch:  # not damage: this model cannot hold that state, so nothing is moved aside
         raise ConfigError(f'checkpoint: step {step} in {self.directory} holds parameters of another shape '
                           f'({mismatch}), so this model cannot continue that run; use a fresh --workdir')
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self._restore(step, abstract_state)
       except Exception as error:
-        unreadable.append((step, error))
+        unreadable.append((step, _first_line(error)))
         continue
+      _drop_failed_reads()
       for bad_step, error in unreadable:
-        moved_to = self._move_aside(bad_step)
-        logging.warning('checkpoint step %d in %s is unreadable (%s); resuming from step %d instead (step %d moved '
-                        'to %s)', bad_step, self.directory, _first_line(error), step, bad_step, moved_to)
+        if self.read_only:
+          logging.warning('checkpoint step %d in %s is unreadable (%s); using step %d instead', bad_step,
+                          self.directory, error, step)
+        else:
+          moved_to = self._move_aside(bad_step)
+          logging.warning('checkpoint step %d in %s is unreadable (%s); resuming from step %d instead (step %d '
+                          'moved to %s)', bad_step, self.directory, error, step, bad_step, moved_to)
       return step, restored['state'], restored['data']
+    _drop_failed_reads()
     if steps:
       bad_step, error = unreadable[0]
       raise ConfigError(f'checkpoint: none of steps {steps} in {self.directory} can be read (step {bad_step}: '
-                        f'{_first_line(error)}); repair or remove them, or use a fresh --workdir')
+                        f'{error}); repair or remove them, or use a fresh --workdir')
     return None
+
+  def _restore(self, step: int, abstract_state) -> dict:
+    """The step's state and data position; raises ChecksumError if an array is not the one saved."""
+    items = {'state': ocp.args.StandardRestore(abstract_state), 'data': ocp.args.JsonRestore()}
+    # Steps saved before checksums were recorded have none to verify.
+    has_checksums = os.path.isdir(os.path.join(self.directory, str(step), 'checksums'))
+    if has_checksums:
+      items['checksums'] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if has_checksums:
+      verify(restored['state'], restored['checksums'])
+    return restored
 
   def _move_aside(self, step: int) -> str:
     target = os.path.join(f'{self.directory}_corrupt', f'{step}-{int(time.time())}')
@@ -134,6 +187,52 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'diffjax: step {step} moved aside')
     self.manager.reload()
     return target
+
+
+class ChecksumError(ValueError):
+  """An array read back from a checkpoint is not the one that was saved."""
+
+
+@jax.jit
+def _checksums(tree):
+  """A uint32 checksum per array: the sum of its elements' bit patterns, each times an odd weight from its position.
+
+  Computed where the arrays live (sharded arrays included), so it costs one pass over the state. Any change to a
+  single element changes the sum, since an odd weight times a nonzero difference below 2^32 is nonzero mod 2^32.
+  """
+  def checksum(x):
+    bits = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+        x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+      index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= x.shape[axis]
+    return jnp.sum(bits.astype(jnp.uint32) * (2 * index + 1), dtype=jnp.uint32)
+  return jax.tree.map(checksum, tree)
+
+
+def checksums(tree) -> dict[str, int]:
+  """{array path: checksum} of a pytree of arrays, as saved with each step."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(tree)))[0]
+  return {jax.tree_util.keystr(path): int(value) for path, value in leaves}
+
+
+def verify(tree, saved: dict[str, int]):
+  """Raises ChecksumError naming the first array whose checksum differs from the saved one."""
+  for key, value in checksums(tree).items():
+    if key in saved and saved[key] != value:
+      raise ChecksumError(f'{key} does not match the checksum saved with it')
+
+
+def _drop_failed_reads():
+  """A restore that fails part-way leaves Orbax's pending reads behind, and each prints a traceback when it is
+  collected ('Exception ignored in ...', 'Event loop is closed'), thousands of lines: they are collected here,
+  silently, once their failure has been reported."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
 
 
 def _first_line(error: Exception) -> str:

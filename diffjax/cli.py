@@ -11,17 +11,23 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from diffjax.errors import ConfigError
+from diffjax import workdir
+from diffjax.errors import ConfigError, SaveError
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
 
 
 def _fail(message: str, show_traceback: bool):
   """Ends the program: the traceback of the error being handled if asked, then one `error:` line, exit 1."""
+  _print_error(message, show_traceback)
+  sys.exit(1)
+
+
+def _print_error(message: str, show_traceback: bool):
   if show_traceback:
     traceback.print_exc()
+  sys.stdout.flush()
   print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(1)
 
 
 def report_errors(main):
@@ -31,13 +37,19 @@ def report_errors(main):
   def wrapped(argv):
     if not DEBUG.value:
       logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
-      # ... and some of it at WARNING (TFDS: 'Using custom data configuration'); they log through absl's logger,
-      # diffjax through the standard one, so diffjax's warnings still show.
-      std_logging.getLogger('absl').setLevel(std_logging.ERROR)
+      # ... and some of it at WARNING (TFDS: 'Using custom data configuration'), and a failed save with its
+      # traceback at ERROR, which the run reports in one line; they log through absl's logger, diffjax through
+      # the standard one, so diffjax's warnings still show.
+      std_logging.getLogger('absl').setLevel(std_logging.CRITICAL)
     if not sys.stderr.isatty():  # in a log file, TFDS's progress bars while preparing data are only noise
       tfds.disable_progress_bar()
     try:
       return main(argv)
+    except SaveError as error:
+      # Orbax's threads of the failed save may wait forever, and Python waits for them before exiting.
+      workdir.release()
+      _print_error(str(error), DEBUG.value)
+      os._exit(1)
     except (ConfigError, NonFiniteError) as error:
       _fail(str(error), DEBUG.value)
   return wrapped

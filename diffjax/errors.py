@@ -6,3 +6,8 @@ class ConfigError(ValueError):
 
   The message is one line: it names the key (or path) at fault and says what to change.
   """
+
+
+class SaveError(ConfigError):
+  """A checkpoint could not be written (a full disk, a missing folder). The run ends at once: Orbax's threads of a
+  failed asynchronous save may wait forever, so the program exits without waiting for them."""

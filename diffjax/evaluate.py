@@ -8,7 +8,8 @@ from absl import app, flags
 from diffjax import cli, inference
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
-BATCHES = flags.DEFINE_integer('batches', 0, 'Validation batches to score (0: the run\'s log.eval_batches).')
+BATCHES = flags.DEFINE_integer('batches', 0, 'Validation batches to score (0: the run\'s log.eval_batches).',
+                               lower_bound=0)
 
 
 @cli.report_errors

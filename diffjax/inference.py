@@ -13,10 +13,10 @@ def run_config(workdir: str):
 
 def restore_run(workdir: str | None):
   """(run, step, state) for the newest readable checkpoint of the training run in `workdir`."""
-  if workdir is None:
+  if not workdir:
     raise ConfigError('--workdir is required: the workdir of a training run')
   config = run_config(workdir)
-  run = trainer.Run(config, workdir)
+  run = trainer.Run(config, workdir, read_only=True)  # a run may be training in it: touch nothing
   restored = run.checkpoints.restore_latest(train_step.abstract_state(run.cfg, run.tx, run.mesh))
   if restored is None:
     raise ConfigError(f'--workdir: {workdir} has no checkpoint yet; train first or give another workdir')

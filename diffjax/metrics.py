@@ -8,6 +8,7 @@ MFU compares variants at equal work. MFU = tokens/s * FLOPs per token / (devices
 """
 
 import json
+import logging
 import os
 
 import jax
@@ -54,6 +55,7 @@ class MetricsWriter:
     self.print_fn = print_fn
     self.tensorboard = None
     if self.is_chief:
+      _end_torn_line(self.path)
       from tensorboardX import SummaryWriter  # imported lazily: it is only needed on the chief host
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -91,12 +93,30 @@ def format_line(record: dict) -> str:
   return ' | '.join(parts)
 
 
+def _end_torn_line(path: str):
+  """A run killed mid-append leaves a torn last line: ending it keeps the next record on a line of its own."""
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb+') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+
+
 def read_records(workdir: str) -> list[dict]:
+  """metrics.jsonl's records; a line torn by a killed run is skipped, with one warning."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  records, torn = [], 0
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in filter(str.strip, f):
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        torn += 1
+  if torn:
+    logging.warning('%s: skipped %d unreadable line(s), cut short when a run was killed while writing', path, torn)
+  return records
 
 
 def plot_curves(workdir: str) -> str | None:

@@ -7,8 +7,8 @@ from diffjax import cli, inference
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 PROMPT = flags.DEFINE_string('prompt', 'def ', 'Text to continue.')
-TOKENS = flags.DEFINE_integer('tokens', 200, 'Tokens to generate.')
-TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+TOKENS = flags.DEFINE_integer('tokens', 200, 'Tokens to generate.', lower_bound=0)
+TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.', lower_bound=0.0)
 
 
 @cli.report_errors

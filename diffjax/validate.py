@@ -16,10 +16,10 @@ from diffjax.errors import ConfigError
 
 CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
 POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 'train.steps', 'train.learning_rate',
-            'train.warmup_steps', 'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps',
-            'log.eval_every_steps', 'log.eval_batches')
-NON_NEGATIVE = ('train.weight_decay', 'train.grad_clip', 'train.z_loss', 'train.end_lr_ratio', 'train.b1',
-                'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device')
+            'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
+            'log.eval_batches')
+NON_NEGATIVE = ('train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.z_loss', 'train.end_lr_ratio',
+                'train.b1', 'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device')
 
 
 def _get(config, dotted: str):
@@ -81,13 +81,16 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
                       f'use a multiple of {data_parallel * tc.microbatches}')
 
   data_lib.validate_data_config(config.data)
+  # The tokenizer is not built yet, but its vocabulary size is known from the config.
+  vocab_size = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte'
+                else config.data.sp_vocab_size)
+  if 0 < config.model.vocab_size < vocab_size:  # token ids past the embedding would be read as garbage
+    raise ConfigError(f'model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
+                      'tokens; set at least that, or 0 for the tokenizer\'s size rounded up to a multiple of 128')
   if config.checkpoint.init_from:
     if not os.path.exists(config.checkpoint.init_from):
       raise ConfigError(f'checkpoint.init_from: {config.checkpoint.init_from} does not exist; give a workdir or '
                         'checkpoint directory of an earlier run')
-    # The tokenizer is not built yet, but its vocabulary size is known from the config.
-    vocab_size = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte'
-                  else config.data.sp_vocab_size)
     params = nn.meta.unbox(model_lib.abstract_params(defaults.model_config(config, vocab_size))['params'])
     checkpoint_lib.check_init_from(config.checkpoint.init_from, params)
   if workdir is not None:
