@@ -70,9 +70,9 @@ class Checkpointer:
           checksums=ocp.args.JsonSave(checksums(state))), force=True)
 
   def check(self):
-    """Raises SaveError as soon as an asynchronous save has failed, so no step is trained after it."""
-    with self._failing_save():
-      self.manager.check_for_errors()
+    """Raises SaveError as soon as an asynchronous save has failed, so no more steps are trained after it."""
+    if not self.manager.is_saving_in_progress():
+      self.wait()  # returns at once, raising the failure of a save that has just ended
 
   def wait(self):
     if self.failed:  # Orbax's threads of a failed save may never finish

@@ -43,6 +43,7 @@ def report_errors(main):
       std_logging.getLogger('absl').setLevel(std_logging.CRITICAL)
     if not sys.stderr.isatty():  # in a log file, TFDS's progress bars while preparing data are only noise
       tfds.disable_progress_bar()
+    sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
     try:
       return main(argv)
     except SaveError as error:
@@ -53,6 +54,15 @@ def report_errors(main):
     except (ConfigError, NonFiniteError) as error:
       _fail(str(error), DEBUG.value)
   return wrapped
+
+
+def _without_closed_loops(unraisablehook):
+  """After a failed save or restore, each array read or written finishes on an event loop of Orbax's that has
+  closed, and reports it as unraisable: thousands of 'Event loop is closed' tracebacks that add nothing."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
+      unraisablehook(unraisable)
+  return hook
 
 
 def parse_flags(argv: list[str]) -> list[str]:
