@@ -80,12 +80,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _flag_error(error: Exception, argv: list[str]) -> str:
   text = str(error)
   overrides = [match[1] for match in (re.match(r'--\w+\.([\w.]+)', arg) for arg in argv) if match]
-  name = re.search(r"'(\w+)\\?'", text)
+  name = re.search(r'Key "(\w+)"', text) or re.search(r"'(\w+)\\?'", text)
   key = next((path for path in overrides if name and name[1] in path.split('.')), None)
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  suggestion = f' (did you mean {hint[1]}?)' if hint else ''
   if isinstance(error, (AttributeError, KeyError)) and key:  # ml_collections: `--config.KEY` names no key
-    hint = re.search(r'Did you mean "([\w.]+)"', text)
-    suggestion = f' (did you mean {hint[1]}?)' if hint else ''
     return f'{key}: unknown config key{suggestion}; see the config keys in README.md'
+  if isinstance(error, AttributeError) and 'cannot be added since the config is locked' in text:
+    return f'{name[1]}: unknown config key set in the config file{suggestion}; see the config keys in README.md'
   missing = re.search(r'Failed loading config file (\w+)_config', text)
   if isinstance(error, OSError) and missing:  # ml_collections: a `--config` file that is not there
     return _config_file_error(missing[1], error)

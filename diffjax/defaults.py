@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.sample_prompt = 'def '
   c.log.sample_tokens = 200
   c.log.sample_temperature = 0.8
+  c.lock()  # a config file that sets a key diffjax does not have fails as it loads, naming the key
   return c
 
 

@@ -5,9 +5,12 @@ from diffjax.errors import ConfigError
 
 
 def run_config(workdir: str):
-  """The run's saved config over today's defaults, so keys added since it was written get their defaults."""
+  """The run's saved config over today's defaults, so keys added since it was written get their defaults (and
+  keys removed since are dropped)."""
   config = defaults.base_config()
-  config.update_from_flattened_dict(defaults.flatten(cli.load_run_config(workdir).to_dict()))
+  known = defaults.flatten(config.to_dict())
+  saved = defaults.flatten(cli.load_run_config(workdir).to_dict())
+  config.update_from_flattened_dict({key: value for key, value in saved.items() if key in known})
   return config
 
 

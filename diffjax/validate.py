@@ -29,23 +29,8 @@ def _get(config, dotted: str):
   return value
 
 
-def _unknown_key(config, reference, prefix=''):
-  for key in config.keys():
-    if key not in reference:
-      return f'{prefix}{key}'
-    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
-      found = _unknown_key(config[key], reference[key], f'{prefix}{key}.')
-      if found:
-        return found
-  return None
-
-
 def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   """Raises ConfigError (one line: the key and the fix) for the first problem found."""
-  unknown = _unknown_key(config, defaults.base_config())
-  if unknown:
-    raise ConfigError(f'{unknown}: unknown config key; see the config keys in README.md (a typo?)')
-
   for keys, lowest, wording in ((POSITIVE, 'positive', 'a positive number'),
                                 (NON_NEGATIVE, 'zero', 'zero or positive')):
     for key in keys:
