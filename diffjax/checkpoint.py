@@ -53,9 +53,11 @@ class Checkpointer:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     if not read_only and jax.process_count() > 1:
       multihost_utils.sync_global_devices('diffjax: unfinished checkpoints removed')
-    options = ocp.CheckpointManagerOptions(
-        read_only=True) if read_only else ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, todelete_subdir=DELETING)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                             todelete_subdir=DELETING)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._purge_deleted()
 
@@ -91,9 +93,10 @@ class Checkpointer:
       yield
     except Exception as error:
       self.failed = True
-      committed = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit()) if os.path.isdir(
+      # What is on disk now: Orbax's own list may already hold the step that failed.
+      steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()] if os.path.isdir(
           self.directory) else []
-      last_good = f'step {committed[-1]} in {self.directory}' if committed else 'none'
+      last_good = f'step {max(steps)} in {self.directory}' if steps else 'none'
       raise SaveError(f'checkpoint: saving to {self.directory} failed ({_first_line(error)}); last good checkpoint: '
                       f'{last_good}. Fix the cause (disk space, permissions) and run the same command to resume '
                       'from it') from error
@@ -304,7 +307,14 @@ def load_params(path: str, abstract_params, param_shardings):
   state_dir = check_init_from(path, abstract_params)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
                         param_shardings)
-  return _restore_params_only(state_dir, target)
+  params = _restore_params_only(state_dir, target)
+  checksums_dir = epath.Path(state_dir).parent / 'checksums'
+  if checksums_dir.exists():  # steps saved before checksums were recorded have none
+    try:
+      verify({'params': params}, ocp.JsonCheckpointHandler().restore(checksums_dir))
+    except ChecksumError as error:
+      raise ConfigError(f'checkpoint.init_from: {state_dir} is damaged ({error}); give another step or run') from None
+  return params
 
 
 def _restore_params_only(state_dir: str, target_params):

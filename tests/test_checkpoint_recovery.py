@@ -4,10 +4,12 @@ than start from scratch, and refuse a workdir of another run unless told to cont
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 
@@ -221,3 +223,18 @@ def test_reader_falls_back_quietly_and_moves_nothing(base, tmp_path):
   assert len(rh.nonempty_lines(result.stderr)) == 2, result.stderr
   assert sorted(os.listdir(workdir / 'checkpoints')) == before
   assert not os.path.exists(f'{workdir}/checkpoints_corrupt')
+
+
+def test_init_from_verifies_the_checksums(base, tmp_path):
+  workdir = copy_of(base, tmp_path)
+  params = abstract_state(workdir)['params']
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  checkpoint_lib.load_params(str(workdir), params, shardings)  # intact: loads
+  path = workdir / 'checkpoints' / str(LAST) / 'checksums' / 'metadata'
+  saved = json.loads(path.read_text())
+  key = "['params']['embed']['embedding']"
+  saved[key] ^= 1
+  path.write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=rf"^checkpoint\.init_from: {workdir}/checkpoints/{LAST}/state is damaged "
+                                        rf"\({re.escape(key)} does not match the checksum saved with it\)"):
+    checkpoint_lib.load_params(str(workdir), params, shardings)
