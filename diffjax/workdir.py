@@ -131,11 +131,11 @@ def _alive(holder: dict) -> bool:
     return True  # without fcntl locks, a process on another host cannot be checked
   try:
     os.kill(int(holder['pid']), 0)
+    return True
   except ProcessLookupError:
     return False
-  except (PermissionError, KeyError, ValueError, TypeError):  # another user's process, or an unreadable record
+  except (PermissionError, KeyError, ValueError, TypeError):  # another user's process, or a record without a pid
     return True
-  return True
 
 
 def _read(f) -> dict:

@@ -61,11 +61,14 @@ def logged_steps(workdir) -> list[int]:
 # -- 1 and 2: one writer, readers that touch nothing ----------------------------------------------------------------
 
 
+STEPS = 500  # long enough for a reader and a late writer to start while the run trains
+
+
 def test_second_writer_is_refused_and_readers_touch_nothing(tmp_path, corpus):
   """Two trains started together: one trains, the other refuses in one line naming it. A reader running meanwhile
   removes none of the writer's unfinished saves and reads a completed step."""
   workdir = tmp_path / 'run'
-  run_flags = rh.flags(corpus, 150, checkpoint__every_steps=2)
+  run_flags = rh.flags(corpus, STEPS, checkpoint__every_steps=10)
   first, second = start(workdir, run_flags), start(workdir, run_flags)
   # Exactly one of them ends at once; the other trains.
   wait_for(lambda: first.poll() is not None or second.poll() is not None, timeout=120)
@@ -80,16 +83,17 @@ def test_second_writer_is_refused_and_readers_touch_nothing(tmp_path, corpus):
   # A marker of an unfinished save: a writer's start-up would remove it, a reader must not.
   marker = workdir / 'checkpoints' / f'1000000{rh.harness.TMP_MARKER}'
   marker.mkdir()
+  late = start(workdir, run_flags)  # a writer started later is refused too
   reader = cli('sample', f'--workdir={workdir}', '--tokens=2')
   assert reader.returncode == 0, reader.stderr
   assert marker.is_dir()
   assert not os.path.exists(workdir / 'checkpoints_corrupt')
-  late = start(workdir, run_flags)  # and a writer started later is refused too
   assert 'is in use by another training run' in one_error_line(finish(late))
+  assert winner.poll() is None  # all of this happened while it trained
 
   result = finish(winner)
   assert result.returncode == 0, result.stderr
-  assert logged_steps(workdir) == list(range(1, 151))  # every step trained and logged once
+  assert logged_steps(workdir) == list(range(1, STEPS + 1))  # every step trained and logged once
   assert not (workdir / 'lock').exists()
 
 
