@@ -21,7 +21,7 @@ MULTIHOST = flags.DEFINE_bool('multihost', False, 'One process per host of a TPU
 @cli.report_errors
 def main(argv):
   del argv
-  if CONFIG.value is None or WORKDIR.value is None:
+  if CONFIG.value is None or not WORKDIR.value:  # an empty --workdir would mean the current directory
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
   config, workdir = cli.config_value(CONFIG), os.path.abspath(WORKDIR.value)
   if MULTIHOST.value:

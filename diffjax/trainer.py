@@ -16,6 +16,7 @@ from tqdm import tqdm
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
 from diffjax import defaults, metrics as metrics_lib, model as model_lib, optim, sampling, sharding, train_step
+from diffjax import workdir as workdir_lib
 from diffjax.errors import ConfigError
 
 
@@ -61,10 +62,14 @@ def say(message: str):
 class Run:
   """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, read_only: bool = False):
+    """`read_only`: only to restore (evaluate, sample); otherwise this process becomes the workdir's one writer."""
     self.config, self.workdir = config, os.path.abspath(workdir)
+    if not read_only:
+      workdir_lib.claim(self.workdir)
     self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
-                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                                   read_only=read_only)
     latest = self.checkpoints.latest_config()
     if latest:  # a workdir of another run is refused before its data is prepared or a tokenizer trained
       self._check_same_run(*latest)
@@ -174,6 +179,7 @@ class Run:
         state, step_metrics = self.train_fn(state, next(iterator))
         step += 1
         bar.update(1)
+        self.checkpoints.check()  # a failed asynchronous save ends the run before another step
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
           writer.write(step, {'first_step_s': time.perf_counter() - window_start,

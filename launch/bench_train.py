@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from diffjax import defaults, metrics, model, optim, sharding, train_step
+from diffjax import checkpoint, defaults, metrics, model, optim, sharding, train_step
 
 
 def load_config(path):
@@ -24,21 +24,29 @@ def load_config(path):
   return module.get_config()
 
 
-def bench(config, variant, vocab_size, steps):
+def bench(config, variant, vocab_size, steps, init_from=''):
   config = config.copy_and_resolve_references()
   config.model.variant = variant
   cfg = defaults.model_config(config, vocab_size)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
+  start = time.perf_counter()
   state = train_step.init_state(cfg, tx, mesh, seed=0)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - start
+  if init_from:  # a trained model's weights: step time can depend on the values (power draw sets the clocks)
+    abstract = train_step.abstract_state(cfg, tx, mesh)['params']
+    state['params'] = checkpoint.load_params(init_from, abstract, train_step.state_shardings(cfg, tx, mesh)['params'])
   train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
   rng = np.random.default_rng(0)
   shape = (tc.global_batch_size, tc.seq_len)
   batch = jax.device_put({'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
                           'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
                           'mask': np.ones(shape, np.float32)}, train_step.batch_sharding(mesh))
+  start = time.perf_counter()
   compiled = train.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   start = time.perf_counter()
   state, out = train(state, batch)
@@ -52,10 +60,10 @@ def bench(config, variant, vocab_size, steps):
   tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
   peak = metrics.peak_flops_per_device(config.log.peak_flops_per_device)
   stats = jax.devices()[0].memory_stats() or {}
-  return {'variant': variant, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+  return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
           'params': model.count_params(state['params']), 'batch': tc.global_batch_size, 'seq_len': tc.seq_len,
           'microbatches': tc.microbatches, 'attention_impl': cfg.attention_impl, 'step_ms': seconds * 1e3,
-          'tokens_per_s': tokens_per_s, 'first_step_s': compile_and_first,
+          'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s, 'first_step_s': compile_and_first,
           'mfu': tokens_per_s * metrics.flops_per_token(cfg, tc.seq_len) / (jax.device_count() * peak) if peak else None,
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
           'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'final_loss': float(out['loss'])}
@@ -72,6 +80,8 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--impl', default='', help='model.attention_impl override')
   parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
+  parser.add_argument('--ffn', type=int, default=0, help='model.d_ff override (0: the config\'s)')
+  parser.add_argument('--init_from', default='', help='also time the first variant with the weights of this run')
   parser.add_argument('--out', default='bench_train.json')
   args = parser.parse_args()
   config = load_config(args.config)
@@ -80,16 +90,22 @@ def main():
     config.train.seq_len = args.seq
   if args.impl:
     config.model.attention_impl = args.impl
+  if args.ffn:
+    config.model.d_ff = args.ffn
   if args.remat >= 0:
     config.model.remat = bool(args.remat)
-  rows = [bench(config, v, args.vocab, args.steps) for v in args.variants.split(',')]
+  variants = args.variants.split(',')
+  rows = [bench(config, v, args.vocab, args.steps) for v in variants]
+  if args.init_from:
+    rows.append(bench(config, variants[0], args.vocab, args.steps, args.init_from))
   print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {args.config}, batch {args.batch} x {rows[0]["seq_len"]}, '
         f'microbatches {args.microbatches}, vocab {args.vocab}')
-  print(f'{"variant":<9} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9}')
+  print(f'{"variant":<19} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
+        f'{"init s":>7} {"compile s":>9}')
   for r in rows:
     mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
-    print(f'{r["variant"]:<9} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
-          f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f}')
+    print(f'{r["variant"]:<19} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
+          f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f} {r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
   with open(args.out, 'w') as f:
     json.dump(rows, f, indent=2)
 
