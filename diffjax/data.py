@@ -15,12 +15,12 @@ ahead of the step. A batch is a dict of arrays:
   mask    float32 (batch_size, seq_len)  1 where the target is a real token, 0 on padding
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import queue
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -214,20 +214,22 @@ def _write_prepared(corpus, tokenizer, seq_len, folder):
   partial = f'{folder}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-  meta = {'corpus': corpus.identity, 'tokenizer': tokenizer_key(tokenizer), 'vocab_size': tokenizer.vocab_size,
-          'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id, 'seq_len': seq_len,
-          'dtype': np.dtype(dtype).name, 'splits': {}}
-  for split, texts in corpus.splits.items():
-    meta['splits'][split] = _write_split(texts, tokenizer, seq_len + 1, dtype, partial, split)
-    if meta['splits'][split]['tokens'] < seq_len + 1:
-      shutil.rmtree(partial, ignore_errors=True)
-      raise ConfigError(f'data.{corpus.config_key}: the {split} split of {corpus.identity} has '
-                        f'{meta["splits"][split]["tokens"]} tokens, fewer than one sequence of seq_len+1 = '
-                        f'{seq_len + 1}; lower seq_len or use a larger corpus')
-  with open(os.path.join(partial, META_FILE), 'w') as f:
-    json.dump(meta, f, indent=1)
-  os.replace(partial, folder)
+  try:
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    meta = {'corpus': corpus.identity, 'tokenizer': tokenizer_key(tokenizer), 'vocab_size': tokenizer.vocab_size,
+            'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id, 'seq_len': seq_len,
+            'dtype': np.dtype(dtype).name, 'splits': {}}
+    for split, texts in corpus.splits.items():
+      meta['splits'][split] = _write_split(texts, tokenizer, seq_len + 1, dtype, partial, split)
+      if meta['splits'][split]['tokens'] < seq_len + 1:
+        raise ConfigError(f'data.{corpus.config_key}: the {split} split of {corpus.identity} has '
+                          f'{meta["splits"][split]["tokens"]} tokens, fewer than one sequence of seq_len+1 = '
+                          f'{seq_len + 1}; lower seq_len or use a larger corpus')
+    with open(os.path.join(partial, META_FILE), 'w') as f:
+      json.dump(meta, f, indent=1)
+    os.replace(partial, folder)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename; a failed preparation leaves nothing
 
 
 def _write_split(texts, tokenizer, row_len: int, dtype, folder: str, split: str) -> dict:
@@ -248,7 +250,9 @@ def _write_split(texts, tokenizer, row_len: int, dtype, folder: str, split: str)
       rows += 1
 
   eos = np.array([tokenizer.eos_id], np.int64)
-  with tqdm(total=len(texts), unit='doc', desc=f'preparing {split}', leave=False, dynamic_ncols=True) as bar:
+  # The bar shows on a terminal only: in a log file (or before a one-line error) it would be noise.
+  with tqdm(total=len(texts), unit='doc', desc=f'preparing {split}', leave=False, dynamic_ncols=True,
+            disable=None) as bar:
     for start in range(0, len(texts), _DOCUMENTS_PER_CHUNK):
       chunk = [texts[i] for i in range(start, min(start + _DOCUMENTS_PER_CHUNK, len(texts)))]
       stream = np.concatenate([carry] + [part for ids in tokenizer.encode_batch(chunk) for part in (ids, eos)])
@@ -265,53 +269,38 @@ def _write_split(texts, tokenizer, row_len: int, dtype, folder: str, split: str)
 
 
 def read_meta(folder: str) -> dict:
-  with open(os.path.join(folder, META_FILE)) as f:
-    return json.load(f)
+  try:
+    with open(os.path.join(folder, META_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:  # only a process that did not prepare gets here: the first host prepared elsewhere
+    raise ConfigError(f'data.data_dir: no prepared data at {folder}; in a multi-host run data.data_dir must be a '
+                      'folder that every host shares') from None
 
 
 class _PreparationLock:
-  """An exclusive lock file naming its holder; one left by a dead process on this host is taken over."""
+  """An exclusive `flock` on a file beside the folder; the kernel releases it when its holder dies."""
 
   def __init__(self, path: str):
     self.path = path
 
   def __enter__(self):
-    me = f'{socket.gethostname()} {os.getpid()}'
-    announced = False
-    while True:
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, me.encode())
-        os.close(fd)
-        return self
-      except FileExistsError:
-        pass
-      try:
-        with open(self.path) as f:
-          host, pid = f.read().split()
-      except (OSError, ValueError):  # released, or being written, this instant
-        time.sleep(0.1)
-        continue
-      if host == socket.gethostname() and not _alive(int(pid)):
-        os.remove(self.path)  # its holder died mid-preparation; its partial folder is never used
-        continue
-      if not announced:
-        tqdm.write(f'waiting for process {pid} on {host} to finish preparing {self.path[:-len(".lock")]}')
-        announced = True
-      time.sleep(1.0)
+    self._file = open(self.path, 'a+')
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      tqdm.write(f'waiting for another process to finish preparing {self.path[:-len(".lock")]}')
+      fcntl.flock(self._file, fcntl.LOCK_EX)
+    return self
 
   def __exit__(self, *exc):
-    os.remove(self.path)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    # Unlinked while held (unless a holder before us already did): a waiter then locks the old file and finds the
+    # folder complete, and a newcomer locks a new file and finds the same.
+    try:
+      if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
+        os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    self._file.close()
 
 
 # -- reading ------------------------------------------------------------------------------------------------------

@@ -641,7 +641,7 @@ def test_concurrent_processes_on_one_machine_prepare_once(tmp_path):
   results = _run_processes(tmp_path, [(0, 1), (0, 1)], data_cfg, encode_delay=0.5)
   calls = sorted(result['calls']['encode_batch'] for result in results)
   assert calls[0] == 0 and calls[1] == 2  # one chunk of documents per split, tokenized by one process only
-  assert any('waiting for process' in result['output'] for result in results), [r['output'] for r in results]
+  assert any('waiting for another process' in result['output'] for result in results), [r['output'] for r in results]
   assert results[0]['folder'] == results[1]['folder']
   np.testing.assert_array_equal(results[0]['all_rows'], results[1]['all_rows'])
   np.testing.assert_array_equal(results[0]['epoch'], results[1]['epoch'])
