@@ -1,6 +1,11 @@
 """Trains a model: `python -m diffjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]`.
 
 Running the same command again resumes from the newest checkpoint in DIR.
+
+Several processes (`--multihost`): on TPU VMs and under SLURM JAX finds its peers by itself. Elsewhere (several
+processes on one machine, or hosts without a cluster manager) start one process per host with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (I = 0..N-1; HOST is process 0's machine);
+the environment variables JAX_COORDINATOR_ADDRESS, DIFFJAX_NUM_PROCESSES and DIFFJAX_PROCESS_ID do the same.
 """
 
 import os
@@ -10,12 +15,52 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffjax import cli, metrics, trainer, validate
+from diffjax import workdir as workdir_lib
 from diffjax.errors import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
 MULTIHOST = flags.DEFINE_bool('multihost', False, 'One process per host of a TPU pod slice or GPU cluster: join '
-                              'the others (JAX finds them on TPU VMs and under SLURM).')
+                              'the others (JAX finds them on TPU VMs and under SLURM; elsewhere give '
+                              '--coordinator_address, --num_processes and --process_id).')
+COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --multihost: HOST:PORT of process 0, where '
+                                  'the others join (default: $JAX_COORDINATOR_ADDRESS, else found by JAX on TPU VMs '
+                                  'and under SLURM).')
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --multihost: how many processes take part '
+                                     '(default: $DIFFJAX_NUM_PROCESSES, else found by JAX).')
+PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --multihost: this process\'s index, 0..num_processes-1 '
+                                  '(default: $DIFFJAX_PROCESS_ID, else found by JAX).')
+
+
+def _int_env(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f'${name}: must be an integer, got {value!r}') from None
+
+
+def join_processes():
+  """jax.distributed.initialize with the coordinator given by flags or environment, if any."""
+  address = COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
+  count = NUM_PROCESSES.value if NUM_PROCESSES.value is not None else _int_env('DIFFJAX_NUM_PROCESSES')
+  index = PROCESS_ID.value if PROCESS_ID.value is not None else _int_env('DIFFJAX_PROCESS_ID')
+  given = {'--coordinator_address': address, '--num_processes': count, '--process_id': index}
+  if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+    missing = ', '.join(k for k, v in given.items() if v is None)
+    raise ConfigError(f'--multihost: {missing} unset; outside TPU VMs and SLURM give all three of '
+                      '--coordinator_address, --num_processes and --process_id (or none, to let JAX find them)')
+  if count is not None and not 0 <= index < count:
+    raise ConfigError(f'--process_id: must be between 0 and --num_processes - 1 = {count - 1}, got {index}')
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
+  except ValueError as error:  # nothing given and no TPU VM or SLURM job to find the others from
+    if address is not None:
+      raise
+    raise ConfigError(f'--multihost: JAX found no cluster to join ({error}); outside TPU VMs and SLURM give '
+                      '--coordinator_address=HOST:PORT --num_processes=N --process_id=I') from None
 
 
 @cli.report_errors
@@ -23,9 +68,16 @@ def main(argv):
   del argv
   if CONFIG.value is None or not WORKDIR.value:  # an empty --workdir would mean the current directory
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
-  config, workdir = cli.config_value(CONFIG), os.path.abspath(WORKDIR.value)
+  workdir_lib.check_local(WORKDIR.value, '--workdir')
+  config = cli.config_value(CONFIG)
+  workdir_lib.check_local(config.data.data_dir, 'data.data_dir')
+  if not config.data.data_dir:
+    workdir_lib.check_local(os.environ.get('DIFFJAX_DATA_DIR'), '$DIFFJAX_DATA_DIR (data.data_dir)')
+  workdir = os.path.abspath(WORKDIR.value)
   if MULTIHOST.value:
-    jax.distributed.initialize()
+    join_processes()
+  elif COORDINATOR.value or NUM_PROCESSES.value is not None or PROCESS_ID.value is not None:
+    raise ConfigError('--coordinator_address, --num_processes and --process_id need --multihost')
   validate.check_config(config, workdir)
   run = trainer.Run(config, workdir)
   summary = run.train()

@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import time
 
@@ -25,6 +26,21 @@ ENTRIES = {'config.json': False, 'metrics.jsonl': False, 'curves.png': False, LO
            'checkpoints': True, 'checkpoints/.deleting': True, 'checkpoints_corrupt': True}
 
 _held = {}  # lock path -> the open lock file, kept for the life of the process
+# A URL scheme (gs://, s3://, hdfs://, file://...): a path that os.path would silently turn into a local folder.
+_SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def check_local(path: str | None, key: str):
+  """Raises ConfigError (one line) if `path` is a URL such as gs://bucket/run rather than a local or mounted path.
+
+  The workdir lock, the checkpoint clean-up and the prepared data rely on a POSIX file system, which object stores
+  are not; a bucket works through a mount (gcsfuse, s3fs, Filestore/NFS) that every host sees at the same path.
+  """
+  if path and _SCHEME.match(str(path)):
+    scheme = str(path).split('://', 1)[0]
+    raise ConfigError(f'{key}: {path} is a {scheme}:// URL, but diffjax reads and writes only local or mounted '
+                      f'paths; mount the bucket (e.g. gcsfuse for gs://, s3fs or mountpoint-s3 for s3://, on every '
+                      f'host at the same path) and give that path, e.g. /mnt/{scheme}/{str(path).split("://", 1)[1]}')
 
 
 def claim(workdir: str):
