@@ -104,9 +104,12 @@ def _tfds_corpus(data_cfg) -> Corpus:
       builder.download_and_prepare(file_format='array_record')
     except Exception as e:  # Network, manual-download and missing-dependency failures all end here.
       raise ConfigError(f'data.tfds_name: {name!r} is not prepared in {builder.data_dir_root} and could not be '
-                        f'downloaded and prepared ({type(e).__name__}: {first_line(e)}); set data.data_dir to a '
-                        f'folder that holds it, run `tfds build {name} --file_format=array_record --data_dir=DIR` '
-                        "where it can download, or use data.source='local' on text files") from e
+                        f'downloaded and prepared ({type(e).__name__}: {first_line(e)}); without TensorFlow, export '
+                        "the corpus's documents as .txt or .txt.gz files (one document per file, or a few large "
+                        "files) and train on them with --config.data.source=local --config.data.text_glob='DIR/*.txt.gz'"
+                        ', tokenized once by `python -m diffjax.prepare` with the same flags (README, "Recipe data"); '
+                        'or set data.data_dir to a folder where TFDS has built it (`tfds build '
+                        f'{name} --file_format=array_record --data_dir=DIR`, which needs TensorFlow)') from e
   features = list(builder.info.features.keys())
   if data_cfg.text_key not in features:
     raise ConfigError(f'data.text_key: {data_cfg.text_key!r} is not a feature of {builder.info.full_name}; '
