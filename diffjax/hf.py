@@ -1,0 +1,205 @@
+"""Whole models <-> Hugging Face `DiffLlamaForCausalLM` (diff_v1) and `LlamaForCausalLM` (baseline).
+
+`to_hf` and `from_hf` work on plain dicts (a config dict and a state_dict of float32 NumPy arrays), so they need
+neither torch nor transformers; `hf_model` and `from_hf_model` wrap them for a live PyTorch model.
+
+The two frameworks compute the same function with differently ordered channels:
+  - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
+    kv group g as 2g, 2g+1); DiffLlama takes q1 from the first half of its heads and q2 from the second half
+    (head h + N/2), and k1, k2 from kv heads g and g + K/2. So the projection outputs go (H, 2, d) <-> (2, H, d).
+  - DIFF V1 values: diffjax's kv group g owns 2d channels (v_a, v_b); DiffLlama's head h reads the value
+    concat(v_head[g], v_head[g + K/2]), so the value projection reorders the same way, (G, 2, d) <-> (2, G, d).
+  - RoPE: Hugging Face rotates channel i with i + d/2 (rotate_half), diffjax's 'half' pairing does the same.
+    diffjax's 'interleaved' pairing rotates (2i, 2i+1) at the same frequency as Hugging Face's (i, i + d/2);
+    reordering each q/k head's channels as (evens, odds) turns one into the other, and q·k is unchanged because
+    queries and keys get the same reordering. Values are not rotated and keep their order.
+  - Flax Dense kernels are (in, out), torch Linear weights (out, in); embeddings are (vocab, width) in both.
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from diffjax.attention import LAMBDA_VECTORS
+from diffjax.config import ModelConfig
+from diffjax.errors import ConfigError
+
+_ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
+_VARIANT_OF_MODEL_TYPE = {model_type: variant for variant, (model_type, _) in _ARCHITECTURES.items()}
+# ModelConfig fields a Hugging Face config does not carry; from_hf takes them as keyword arguments.
+IMPORT_SETTINGS = ('rope_pairing', 'subln_scale', 'dtype', 'attention_impl', 'remat', 'scale_residual_init')
+_LINEARS = (('attn', 'q_proj', 'self_attn', 'q_proj'), ('attn', 'k_proj', 'self_attn', 'k_proj'),
+            ('attn', 'v_proj', 'self_attn', 'v_proj'), ('attn', 'out_proj', 'self_attn', 'o_proj'),
+            ('ffn', 'gate_proj', 'mlp', 'gate_proj'), ('ffn', 'up_proj', 'mlp', 'up_proj'),
+            ('ffn', 'down_proj', 'mlp', 'down_proj'))
+_NORMS = (('attn_norm', 'input_layernorm'), ('ffn_norm', 'post_attention_layernorm'))
+
+
+def _swap_channel_blocks(kernel_ExC, a: int, b: int, inner: int):
+  """Output channels laid out (..., a, b, inner) -> (..., b, a, inner); the leading blocks keep their order."""
+  e, c = kernel_ExC.shape
+  return kernel_ExC.reshape(e, c // (a * b * inner), a, b, inner).swapaxes(2, 3).reshape(e, c)
+
+
+def _qkv_to_hf(cfg: ModelConfig, name: str, kernel_ExC):
+  d = cfg.head_dim
+  if cfg.variant == 'diff_v1':
+    heads = cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2
+    kernel_ExC = _swap_channel_blocks(kernel_ExC, heads, 2, d)
+  if cfg.rope_pairing == 'interleaved' and name != 'v_proj':
+    kernel_ExC = _swap_channel_blocks(kernel_ExC, d // 2, 2, 1)
+  return kernel_ExC
+
+
+def _qkv_from_hf(cfg: ModelConfig, name: str, kernel_ExC):
+  d = cfg.head_dim
+  if cfg.rope_pairing == 'interleaved' and name != 'v_proj':
+    kernel_ExC = _swap_channel_blocks(kernel_ExC, 2, d // 2, 1)
+  if cfg.variant == 'diff_v1':
+    heads = cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2
+    kernel_ExC = _swap_channel_blocks(kernel_ExC, 2, heads, d)
+  return kernel_ExC
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+  """The Hugging Face config dict of the model `cfg` describes; refuses what no Hugging Face class computes."""
+  if cfg.variant not in _ARCHITECTURES:
+    raise ConfigError(f'model.variant: {cfg.variant!r} has no Hugging Face class; export diff_v1 (DiffLlama) or '
+                      'baseline (Llama)')
+  model_type, architecture = _ARCHITECTURES[cfg.variant]
+  return {'model_type': model_type, 'architectures': [architecture], 'vocab_size': cfg.vocab_size,
+          'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.n_layers,
+          'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.kv_heads, 'head_dim': cfg.head_dim,
+          'hidden_act': 'silu', 'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps,
+          'rope_theta': cfg.rope_theta, 'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False,
+          'mlp_bias': False, 'attention_dropout': 0.0}
+
+
+def hf_keys(cfg: ModelConfig) -> list[str]:
+  """The names of the Hugging Face model's state_dict, in the order to_hf writes them."""
+  keys = ['model.embed_tokens.weight', 'model.norm.weight', 'lm_head.weight']
+  for layer in range(cfg.n_layers):
+    prefix = f'model.layers.{layer}.'
+    keys += [f'{prefix}{module}.{name}.weight' for _, _, module, name in _LINEARS]
+    keys += [f'{prefix}{name}.weight' for _, name in _NORMS]
+    if cfg.variant == 'diff_v1':
+      keys += [f'{prefix}self_attn.{n}' for n in LAMBDA_VECTORS]
+  return keys
+
+
+def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray]]:
+  """(cfg, the model's unboxed `params` collection) -> (Hugging Face config dict, state_dict of float32 arrays).
+
+  The state_dict has the keys of the Hugging Face model's own `state_dict()`, `lm_head.weight` included when the
+  embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it.
+  """
+  config = hf_config(cfg)
+  array = lambda x: np.asarray(x, dtype=np.float32)
+  embedding = array(params['embed']['embedding'])
+  state_dict = {'model.embed_tokens.weight': embedding.copy(), 'model.norm.weight': array(params['final_norm']['scale']),
+                'lm_head.weight': (embedding if cfg.tie_embeddings else array(params['lm_head']['kernel']).T).copy()}
+  for layer in range(cfg.n_layers):
+    block, prefix = params[f'block_{layer}'], f'model.layers.{layer}.'
+    for ours, ours_name, theirs, theirs_name in _LINEARS:
+      kernel_ExC = array(block[ours][ours_name]['kernel'])
+      if ours_name in ('q_proj', 'k_proj', 'v_proj'):
+        kernel_ExC = _qkv_to_hf(cfg, ours_name, kernel_ExC)
+      state_dict[f'{prefix}{theirs}.{theirs_name}.weight'] = kernel_ExC.T.copy()
+    for ours, theirs in _NORMS:
+      state_dict[f'{prefix}{theirs}.weight'] = array(block[ours]['scale'])
+    if cfg.variant == 'diff_v1':
+      state_dict.update({f'{prefix}self_attn.{n}': array(block['attn'][n]) for n in LAMBDA_VECTORS})
+      # DiffLlama's per-head norm has no scale, so only a scale of ones (or none) exports to the same function.
+      if cfg.subln_scale and not np.all(array(block['attn']['subln']['scale']) == 1.0):
+        raise ConfigError(f'model.subln_scale: block_{layer} has a sub-layer norm scale other than ones, which '
+                          'DiffLlama cannot hold; export a model trained with subln_scale=False')
+  return config, state_dict
+
+
+def _model_config(config: Mapping, settings: Mapping) -> ModelConfig:
+  unknown = sorted(set(settings) - set(IMPORT_SETTINGS))
+  if unknown:
+    raise ConfigError(f'from_hf: {unknown[0]} comes from the Hugging Face config; settings are only '
+                      f'{", ".join(IMPORT_SETTINGS)}')
+  variant = _VARIANT_OF_MODEL_TYPE.get(config.get('model_type'))
+  if variant is None:
+    raise ConfigError(f'config.model_type: {config.get("model_type")!r} is not supported; use diffllama or llama')
+  rope = config.get('rope_parameters') or config.get('rope_scaling') or {}
+  unsupported = [(key, value) for key, value, ok in (
+      ('hidden_act', config.get('hidden_act', 'silu'), lambda v: v == 'silu'),
+      ('attention_bias', config.get('attention_bias', False), lambda v: not v),
+      ('mlp_bias', config.get('mlp_bias', False), lambda v: not v),
+      ('rope_type', rope.get('rope_type', rope.get('type', 'default')), lambda v: v == 'default'),
+      ('head_dim', config.get('head_dim'), lambda v: v in (None, config['hidden_size'] // config['num_attention_heads'])),
+  ) if not ok(value)]
+  if unsupported:
+    key, value = unsupported[0]
+    raise ConfigError(f'config.{key}: {value!r} has no diffjax equivalent')
+  heads = config['num_attention_heads']
+  kv_heads = config.get('num_key_value_heads') or heads
+  values = dict(variant=variant, vocab_size=config['vocab_size'], d_model=config['hidden_size'],
+                n_layers=config['num_hidden_layers'], n_heads=heads, n_kv_heads=None if kv_heads == heads else kv_heads,
+                d_ff=config['intermediate_size'], max_len=config['max_position_embeddings'],
+                rope_theta=float(rope.get('rope_theta', config.get('rope_theta', 10000.0))),
+                norm_eps=float(config['rms_norm_eps']), tie_embeddings=bool(config.get('tie_word_embeddings', False)),
+                rope_pairing='half', subln_scale=False)
+  values.update(settings)
+  return ModelConfig(**values).validated()
+
+
+def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConfig, dict]:
+  """(Hugging Face config dict, state_dict) -> (ModelConfig, unboxed float32 `params` collection).
+
+  `settings` sets ModelConfig fields the Hugging Face config does not carry (IMPORT_SETTINGS). By default the
+  model gets rope_pairing='half' (Hugging Face's own, no reordering) and subln_scale=False (DiffLlama has none);
+  rope_pairing='interleaved' reorders q/k channels instead, and subln_scale=True adds scales of ones.
+  """
+  cfg = _model_config(config, settings)
+  expected = set(hf_keys(cfg))
+  missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+  if cfg.tie_embeddings and missing == ['lm_head.weight']:
+    missing = []  # saved checkpoints of tied models leave the duplicate out
+  if missing or extra:
+    raise ConfigError(f'state_dict: {"missing " + missing[0] if missing else "unexpected " + extra[0]} for a '
+                      f'{config["model_type"]} model of {cfg.n_layers} layers')
+  array = lambda key: np.asarray(state_dict[key], dtype=np.float32)
+  params = {'embed': {'embedding': array('model.embed_tokens.weight').copy()},
+            'final_norm': {'scale': array('model.norm.weight').copy()}}
+  if not cfg.tie_embeddings:
+    params['lm_head'] = {'kernel': array('lm_head.weight').T.copy()}
+  elif 'lm_head.weight' in state_dict and not np.array_equal(array('lm_head.weight'), params['embed']['embedding']):
+    raise ConfigError('config.tie_word_embeddings: True, but lm_head.weight differs from model.embed_tokens.weight')
+  for layer in range(cfg.n_layers):
+    prefix = f'model.layers.{layer}.'
+    block = {'attn': {}, 'ffn': {}}
+    for ours, ours_name, theirs, theirs_name in _LINEARS:
+      kernel_ExC = array(f'{prefix}{theirs}.{theirs_name}.weight').T
+      if ours_name in ('q_proj', 'k_proj', 'v_proj'):
+        kernel_ExC = _qkv_from_hf(cfg, ours_name, kernel_ExC)
+      block[ours][ours_name] = {'kernel': kernel_ExC.copy()}
+    for ours, theirs in _NORMS:
+      block[ours] = {'scale': array(f'{prefix}{theirs}.weight').copy()}
+    if cfg.variant == 'diff_v1':
+      block['attn'].update({n: array(f'{prefix}self_attn.{n}').copy() for n in LAMBDA_VECTORS})
+      if cfg.subln_scale:
+        block['attn']['subln'] = {'scale': np.ones(2 * cfg.head_dim, np.float32)}
+    params[f'block_{layer}'] = block
+  return cfg, params
+
+
+def hf_model(cfg: ModelConfig, params: Mapping, attn_implementation: str = 'eager'):
+  """A PyTorch Hugging Face model (float32, torch's default dtype) holding `params`; needs torch and transformers."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  config, state_dict = to_hf(cfg, params)
+  values = {k: v for k, v in config.items() if k != 'model_type'}
+  hf_cfg = transformers.AutoConfig.for_model(config['model_type'], **values)
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  return model
+
+
+def from_hf_model(model, **settings) -> tuple[ModelConfig, dict]:
+  """from_hf for a live PyTorch Hugging Face model."""
+  state_dict = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+  return from_hf(model.config.to_dict(), state_dict, **settings)
