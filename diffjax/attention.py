@@ -3,6 +3,10 @@
 Tensor names carry their shapes: B batch, T query length, S key length, E model width, D head width,
 H differential heads, G kv groups, R query heads per kv group (GQA), N query heads, K kv heads.
 Every kernel path computes the same function; `xla` is the reference on every platform.
+
+Each layer also runs against a KV cache (generation): given `cache = {'k': (B, S, K, D), 'v': (B, S, ·, ·)}`, it
+stores this call's rotated keys and values at the slots of their absolute positions, lets the query at position p
+see the slots s <= p, and returns (output, updated cache). Projections, RoPE, λ and norms are the training path's.
 """
 
 import functools
@@ -40,11 +44,15 @@ def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
   return rotated.astype(x_BxTxNxD.dtype)
 
 
-def _causal_softmax(logits_xTxS):
-  """float32 softmax over the last axis with a causal mask (query t sees keys s <= t)."""
-  t, s = logits_xTxS.shape[-2:]
-  causal_TxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
-  return jax.nn.softmax(jnp.where(causal_TxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
+def _causal_softmax(logits_xTxS, visible_xTxS=None):
+  """float32 softmax over the last axis; keys outside `visible` (broadcast against the logits) get no weight.
+
+  By default the mask is causal: query t sees keys s <= t.
+  """
+  if visible_xTxS is None:
+    t, s = logits_xTxS.shape[-2:]
+    visible_xTxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+  return jax.nn.softmax(jnp.where(visible_xTxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
 
 
 _warned = set()
@@ -70,8 +78,11 @@ def resolve_impl(requested: str, dtype, head_dim: int) -> str:
   return 'xla'
 
 
-def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str):
-  """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32."""
+def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None):
+  """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32.
+
+  `visible_BxTxS` replaces the causal mask (the cache path; `xla` only).
+  """
   scale = q_BxTxNxD.shape[-1] ** -0.5
   if impl == 'cudnn':
     return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=True,
@@ -80,17 +91,19 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str):
   kv = k_BxSxKxD.shape[2]
   q_BxTxKxRxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
   logits = jnp.einsum('btkrd,bskd->bkrts', q_BxTxKxRxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-  probs_BxKxRxTxS = _causal_softmax(logits * scale)
+  visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None]
+  probs_BxKxRxTxS = _causal_softmax(logits * scale, visible)
   out = jnp.einsum('bkrts,bskd->btkrd', probs_BxKxRxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, d)
 
 
-def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str):
+def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None):
   """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
 
   Query sub-heads 2h and 2h+1 are (q1, q2) of differential head h, and the same for keys; q1 meets k1 and q2
-  meets k2 of the same kv group h // R (the reference's flash semantics).
+  meets k2 of the same kv group h // R (the reference's flash semantics). `visible_BxTxS` replaces the causal mask
+  (the cache path; `xla` only).
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
@@ -109,7 +122,8 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str):
   q_BxTxGxRx2xD = q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d)
   k_BxSxGx2xD = k_BxSx2GxD.reshape(b, -1, groups, 2, d)
   logits = jnp.einsum('btgrcd,bsgcd->bgrcts', q_BxTxGxRx2xD, k_BxSxGx2xD, preferred_element_type=jnp.float32)
-  probs_BxGxRx2xTxS = _causal_softmax(logits * scale)
+  visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None, None]
+  probs_BxGxRx2xTxS = _causal_softmax(logits * scale, visible)
   out_BxTxGxRx2x2D = jnp.einsum('bgrcts,bsge->btgrce', probs_BxGxRx2xTxS.astype(v_BxSxGx2D.dtype), v_BxSxGx2D,
                                 preferred_element_type=jnp.float32)
   # The subtraction comes after both softmaxes, never on the logits.
@@ -157,13 +171,37 @@ def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):
   """Queries (B, T, n_q, D) and keys (B, T, kv_heads, D), both rotated, and values (B, T, ·, v_width)."""
   b, t, _ = x_BxTxE.shape
   d = cfg.head_dim
-  if positions_BxT is None:
-    positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
   q = dense(cfg, n_q * d, ('embed', 'heads'), 'q_proj')(x_BxTxE).reshape(b, t, n_q, d)
   k = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'k_proj')(x_BxTxE).reshape(b, t, cfg.kv_heads, d)
   v = dense(cfg, cfg.kv_heads * d, ('embed', 'kv'), 'v_proj')(x_BxTxE).reshape(b, t, -1, v_width)
   rope = functools.partial(apply_rope, positions_BxT=positions_BxT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
   return rope(q), rope(k), v
+
+
+def _keys_values(cfg: ModelConfig, k_BxTxKxD, v_BxTxKxW, positions_BxT, cache):
+  """(keys, values, impl, visible mask, cache) the attention runs on: this call's own keys and values causally,
+  or, with a cache, the cache after storing them at their positions' slots."""
+  if cache is None:
+    return k_BxTxKxD, v_BxTxKxW, resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim), None, None
+  # Row b's tokens sit at consecutive positions from positions[b, 0] (rows may be at different positions).
+  put = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype),
+                                                                                start, axis=0))
+  start_B = positions_BxT[:, 0]
+  cache = {'k': put(cache['k'], k_BxTxKxD, start_B), 'v': put(cache['v'], v_BxTxKxW, start_B)}
+  slots = cache['k'].shape[1]
+  visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
+  # One query per row against a masked cache: the einsum path serves every kernel choice.
+  return cache['k'], cache['v'], 'xla', visible_BxTxS, cache
+
+
+def _positions(x_BxTxE, positions_BxT, cache):
+  """The given positions, else 0..T-1 (without a cache only: cached tokens must say where they are)."""
+  if positions_BxT is not None:
+    return positions_BxT
+  if cache is not None:
+    raise ValueError('attention with a KV cache needs the tokens\' absolute positions')
+  b, t, _ = x_BxTxE.shape
+  return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
 class DiffAttentionV1(nn.Module):
@@ -177,17 +215,20 @@ class DiffAttentionV1(nn.Module):
                                   self.layer)
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads // 2
+    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
-    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
-    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D, self.lam(), impl)
+    k_BxSx2GxD, v_BxSxGx2D, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTx2GxD, v_BxTxGx2D, positions_BxT,
+                                                                      cache)
+    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS)
     out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
     out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer))
-    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
+    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
         out_BxTxHx2D.reshape(b, t, heads * 2 * d))
+    return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
 class DiffAttentionV2(nn.Module):
@@ -196,17 +237,19 @@ class DiffAttentionV2(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads
+    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, 2 * heads, d)
-    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
+    k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
     # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
-    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD, impl)
+    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS)
     lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
     out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
-    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
+    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
+    return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
 class MultiHeadAttention(nn.Module):
@@ -215,14 +258,16 @@ class MultiHeadAttention(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d = cfg.head_dim
+    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, d)
-    impl = resolve_impl(cfg.attention_impl, cfg.compute_dtype, d)
-    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, impl)
-    return dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
+    k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
+    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS)
+    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
+    return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
 ATTENTION_BY_VARIANT = {'diff_v1': DiffAttentionV1, 'diff_v2': DiffAttentionV2, 'baseline': MultiHeadAttention}

@@ -7,7 +7,6 @@ WORKDIR/attention_layer{L}_head{H}.png.
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -80,11 +79,12 @@ def plot(maps: dict, labels: list[str], title: str, path: str, head: int):
 @cli.report_errors
 def main(argv):
   del argv
-  run, step, state = inference.restore_run(WORKDIR.value)
-  cfg, tokenizer = run.cfg, run.pipeline.tokenizer
-  ids = tokenizer.encode(PROMPT.value)[: cfg.max_len]
+  cfg, params, tokenizer, step = inference.open_run(WORKDIR.value)
+  ids = tokenizer.encode(PROMPT.value)
+  if not 0 < len(ids) <= cfg.max_len:
+    raise ConfigError(f'--prompt: it is {len(ids)} tokens long; give 1 to {cfg.max_len} (the model\'s max_len)')
   layer = LAYER.value % cfg.n_layers
-  maps = layer_maps(cfg, jax.device_get(state['params']), jnp.asarray([ids], jnp.int32), layer)
+  maps = layer_maps(cfg, params, jnp.asarray([ids], jnp.int32), layer)
   heads = next(iter(v for k, v in maps.items() if k != 'lambda')).shape[0]
   if HEAD.value >= heads:
     raise ConfigError(f'--head: {HEAD.value} is out of range; this layer has {heads} heads (0..{heads - 1})')

@@ -1,10 +1,28 @@
-"""Opening a training run's newest checkpoint for evaluation, sampling and inspection."""
+"""Opening a finished (or still training) run for generation, evaluation and inspection, without the trainer.
 
-from diffjax import cli, defaults, train_step, trainer
+`open_run(workdir)` reads the run's config.json, its tokenizer (WORKDIR/tokenizer.model for SentencePiece) and the
+parameters alone of its newest readable checkpoint: no corpus is opened or prepared, nothing is compiled, no
+optimizer state is read, and nothing in the workdir is written, moved or locked, since a run may be training there.
+Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), on one device, ready for
+`Transformer(cfg).apply({'params': params}, tokens_BxT)`.
+"""
+
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from diffjax import checkpoint as checkpoint_lib
+from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers
+from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
 
 
-def run_config(workdir: str):
+def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config over today's defaults, so keys added since it was written get their defaults (and
   keys removed since are dropped)."""
   config = defaults.base_config()
@@ -14,14 +32,72 @@ def run_config(workdir: str):
   return config
 
 
-def restore_run(workdir: str | None):
-  """(run, step, state) for the newest readable checkpoint of the training run in `workdir`."""
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers.Tokenizer:
+  """The tokenizer the run trained with: bytes, or the SentencePiece model it saved in its workdir."""
+  if config.data.tokenizer == 'byte':
+    return tokenizers.ByteTokenizer()
+  path = os.path.join(workdir, data_lib.TOKENIZER_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f'--workdir: {path} is missing; a SentencePiece run keeps its tokenizer there, so give the '
+                      'workdir of a run that has started training')
+  return tokenizers.SentencePieceTokenizer.load(path)
+
+
+def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokenizer, int]:
+  """(model config, unboxed parameters, tokenizer, step) of the newest readable checkpoint in `workdir`.
+
+  Steps whose parameters cannot be read (or no longer match their checksums) are skipped with a one-line warning
+  each. Raises ConfigError if the workdir holds no run, no checkpoint yet, or no readable one.
+  """
   if not workdir:
     raise ConfigError('--workdir is required: the workdir of a training run')
+  workdir = os.path.abspath(workdir)
   config = run_config(workdir)
-  run = trainer.Run(config, workdir, read_only=True)  # a run may be training in it: touch nothing
-  restored = run.checkpoints.restore_latest(train_step.abstract_state(run.cfg, run.tx, run.mesh))
-  if restored is None:
-    raise ConfigError(f'--workdir: {workdir} has no checkpoint yet; train first or give another workdir')
-  step, state, _ = restored
-  return run, step, state
+  tokenizer = run_tokenizer(config, workdir)
+  cfg = defaults.model_config(config, tokenizer.vocab_size)
+  step, params = restore_params(os.path.join(workdir, 'checkpoints'), cfg)
+  return cfg, params, tokenizer, step
+
+
+def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
+  """(step, unboxed parameters on one device) of the newest step in a checkpoints folder whose parameters read
+  back intact."""
+  steps = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False, read_only=True).steps() if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise ConfigError(f'--workdir: {os.path.dirname(directory)} has no checkpoint yet; train first or give another '
+                      'workdir')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = nn.meta.unbox(model_lib.abstract_params(cfg)['params'])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  unreadable = []
+  for step in reversed(steps):
+    state_dir = os.path.join(directory, str(step), 'state')
+    try:
+      mismatch = checkpoint_lib.shape_mismatch(checkpoint_lib._param_shapes(state_dir), abstract)
+      if mismatch is None:
+        params = _read_params(state_dir, target)
+    except Exception as error:  # any failure to read means this step cannot be trusted
+      unreadable.append((step, checkpoint_lib._first_line(error)))
+      continue
+    if mismatch:
+      raise ConfigError(f'checkpoint: step {step} in {directory} holds parameters of another shape ({mismatch}) '
+                        'than its run\'s config.json describes; the workdir mixes two runs')
+    checkpoint_lib._drop_failed_reads()
+    for bad_step, error in unreadable:
+      logging.warning('checkpoint step %d in %s is unreadable (%s); using step %d instead', bad_step, directory,
+                      error, step)
+    return step, params
+  checkpoint_lib._drop_failed_reads()
+  bad_step, error = unreadable[0]
+  raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
+                    'repair or remove them')
+
+
+def _read_params(state_dir: str, target: dict) -> dict:
+  """The `params` subtree of a saved train state, checked against the checksums saved with it (if any)."""
+  params = checkpoint_lib._restore_params_only(state_dir, target)
+  checksums_dir = os.path.join(os.path.dirname(state_dir), 'checksums')
+  if os.path.isdir(checksums_dir):  # steps saved before checksums were recorded have none
+    checkpoint_lib.verify({'params': params}, ocp.JsonCheckpointHandler().restore(epath.Path(checksums_dir)))
+  return params

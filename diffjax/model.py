@@ -28,36 +28,66 @@ class Block(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT):
+  def __call__(self, x_BxTxE, positions_BxT, cache=None):
+    """The new residual stream; with a layer cache, (the new residual stream, the updated layer cache)."""
     cfg = self.cfg
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
     attention = ATTENTION_BY_VARIANT[cfg.variant](cfg, self.layer, name='attn')
-    x_BxTxE = x_BxTxE + attention(RMSNorm(cfg.norm_eps, name='attn_norm')(x_BxTxE), positions_BxT)
+    normed_BxTxE = RMSNorm(cfg.norm_eps, name='attn_norm')(x_BxTxE)
+    if cache is None:
+      x_BxTxE = x_BxTxE + attention(normed_BxTxE, positions_BxT)
+    else:
+      attended_BxTxE, cache = attention(normed_BxTxE, positions_BxT, cache)
+      x_BxTxE = x_BxTxE + attended_BxTxE
     x_BxTxE = x_BxTxE + SwiGLU(cfg, name='ffn')(RMSNorm(cfg.norm_eps, name='ffn_norm')(x_BxTxE))
-    return nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
+    return x_BxTxE if cache is None else (x_BxTxE, cache)
 
 
 class Transformer(nn.Module):
-  """tokens (B, T) int -> logits (B, T, vocab) float32."""
+  """tokens (B, T) int -> logits (B, T, vocab) float32.
+
+  With `cache` (from `init_cache`; `positions_BxT` then required, the tokens' absolute positions), it returns
+  (logits, updated cache): the tokens' keys and values are stored at their positions' slots and each token attends
+  to the cached slots up to its own position.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, cache=None):
     cfg = self.cfg
+    if cache is not None and positions_BxT is None:
+      raise ValueError('Transformer with a KV cache needs positions_BxT, the tokens\' absolute positions')
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
     x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
     block = nn.remat(Block) if cfg.remat else Block
+    new_cache = []
     for layer in range(cfg.n_layers):
-      x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT)
+      if cache is None:
+        x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT)
+      else:
+        x_BxTxE, layer_cache = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT, cache[layer])
+        new_cache.append(layer_cache)
     x_BxTxE = RMSNorm(cfg.norm_eps, name='final_norm')(x_BxTxE).astype(cfg.compute_dtype)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxE)
     else:
       logits_BxTxV = dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BxTxE)
-    return logits_BxTxV.astype(jnp.float32)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int) -> list[dict]:
+  """An empty KV cache for `slots` positions: per layer, keys (B, S, kv_heads, D) and values in the layer's layout,
+  in the compute dtype (the keys are stored after RoPE)."""
+  d = cfg.head_dim
+  # DIFF V1 pairs kv heads: kv_heads/2 values of width 2D.
+  v_heads, v_width = (cfg.kv_heads // 2, 2 * d) if cfg.variant == 'diff_v1' else (cfg.kv_heads, d)
+  return [{'k': jnp.zeros((batch, slots, cfg.kv_heads, d), cfg.compute_dtype),
+           'v': jnp.zeros((batch, slots, v_heads, v_width), cfg.compute_dtype)} for _ in range(cfg.n_layers)]
 
 
 def abstract_params(cfg: ModelConfig):

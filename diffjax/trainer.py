@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
-from diffjax import defaults, metrics as metrics_lib, model as model_lib, optim, sampling, sharding, train_step
+from diffjax import defaults, generate, metrics as metrics_lib, model as model_lib, optim, sharding, train_step
 from diffjax import workdir as workdir_lib
 from diffjax.errors import ConfigError
 
@@ -240,7 +240,8 @@ class Run:
     return {'step': step, **record}
 
   def sample(self, prompt: str, num_tokens: int, temperature: float) -> str:
+    """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
     tokenizer = self.pipeline.tokenizer
-    ids = sampling.generate(self.cfg, self.state['params'], tokenizer.encode(prompt), num_tokens,
-                            temperature=temperature, seed=self.config.seed, window=self.config.train.seq_len)
-    return prompt + tokenizer.decode(ids)
+    result = generate.generate(self.cfg, self.state['params'], [tokenizer.encode(prompt) or [tokenizer.eos_id]],
+                               num_tokens, temperature=temperature, seed=self.config.seed, eos_id=tokenizer.eos_id)
+    return prompt + tokenizer.decode(result.tokens[0])
