@@ -94,17 +94,18 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it.
   """
   config = hf_config(cfg)
-  array = lambda x: np.asarray(x, dtype=np.float32)
+  array = lambda x: np.array(x, dtype=np.float32)  # a copy: the result shares no memory with `params`
   embedding = array(params['embed']['embedding'])
-  state_dict = {'model.embed_tokens.weight': embedding.copy(), 'model.norm.weight': array(params['final_norm']['scale']),
-                'lm_head.weight': (embedding if cfg.tie_embeddings else array(params['lm_head']['kernel']).T).copy()}
+  lm_head = embedding.copy() if cfg.tie_embeddings else np.ascontiguousarray(array(params['lm_head']['kernel']).T)
+  state_dict = {'model.embed_tokens.weight': embedding, 'model.norm.weight': array(params['final_norm']['scale']),
+                'lm_head.weight': lm_head}
   for layer in range(cfg.n_layers):
     block, prefix = params[f'block_{layer}'], f'model.layers.{layer}.'
     for ours, ours_name, theirs, theirs_name in _LINEARS:
       kernel_ExC = array(block[ours][ours_name]['kernel'])
       if ours_name in ('q_proj', 'k_proj', 'v_proj'):
         kernel_ExC = _qkv_to_hf(cfg, ours_name, kernel_ExC)
-      state_dict[f'{prefix}{theirs}.{theirs_name}.weight'] = kernel_ExC.T.copy()
+      state_dict[f'{prefix}{theirs}.{theirs_name}.weight'] = np.ascontiguousarray(kernel_ExC.T)
     for ours, theirs in _NORMS:
       state_dict[f'{prefix}{theirs}.weight'] = array(block[ours]['scale'])
     if cfg.variant == 'diff_v1':
@@ -124,18 +125,19 @@ def _model_config(config: Mapping, settings: Mapping) -> ModelConfig:
   variant = _VARIANT_OF_MODEL_TYPE.get(config.get('model_type'))
   if variant is None:
     raise ConfigError(f'config.model_type: {config.get("model_type")!r} is not supported; use diffllama or llama')
+  heads = config['num_attention_heads']
+  # transformers 5 keeps θ and the RoPE type in rope_parameters; 4.x in rope_theta and rope_scaling.
   rope = config.get('rope_parameters') or config.get('rope_scaling') or {}
   unsupported = [(key, value) for key, value, ok in (
       ('hidden_act', config.get('hidden_act', 'silu'), lambda v: v == 'silu'),
       ('attention_bias', config.get('attention_bias', False), lambda v: not v),
       ('mlp_bias', config.get('mlp_bias', False), lambda v: not v),
       ('rope_type', rope.get('rope_type', rope.get('type', 'default')), lambda v: v == 'default'),
-      ('head_dim', config.get('head_dim'), lambda v: v in (None, config['hidden_size'] // config['num_attention_heads'])),
+      ('head_dim', config.get('head_dim'), lambda v: v in (None, config['hidden_size'] // heads)),
   ) if not ok(value)]
   if unsupported:
     key, value = unsupported[0]
     raise ConfigError(f'config.{key}: {value!r} has no diffjax equivalent')
-  heads = config['num_attention_heads']
   kv_heads = config.get('num_key_value_heads') or heads
   values = dict(variant=variant, vocab_size=config['vocab_size'], d_model=config['hidden_size'],
                 n_layers=config['num_hidden_layers'], n_heads=heads, n_kv_heads=None if kv_heads == heads else kv_heads,
@@ -162,25 +164,25 @@ def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConf
   if missing or extra:
     raise ConfigError(f'state_dict: {"missing " + missing[0] if missing else "unexpected " + extra[0]} for a '
                       f'{config["model_type"]} model of {cfg.n_layers} layers')
-  array = lambda key: np.asarray(state_dict[key], dtype=np.float32)
-  params = {'embed': {'embedding': array('model.embed_tokens.weight').copy()},
-            'final_norm': {'scale': array('model.norm.weight').copy()}}
+  array = lambda key: np.array(state_dict[key], dtype=np.float32)  # a copy, as in to_hf
+  params = {'embed': {'embedding': array('model.embed_tokens.weight')},
+            'final_norm': {'scale': array('model.norm.weight')}}
   if not cfg.tie_embeddings:
-    params['lm_head'] = {'kernel': array('lm_head.weight').T.copy()}
+    params['lm_head'] = {'kernel': np.ascontiguousarray(array('lm_head.weight').T)}
   elif 'lm_head.weight' in state_dict and not np.array_equal(array('lm_head.weight'), params['embed']['embedding']):
     raise ConfigError('config.tie_word_embeddings: True, but lm_head.weight differs from model.embed_tokens.weight')
   for layer in range(cfg.n_layers):
     prefix = f'model.layers.{layer}.'
     block = {'attn': {}, 'ffn': {}}
     for ours, ours_name, theirs, theirs_name in _LINEARS:
-      kernel_ExC = array(f'{prefix}{theirs}.{theirs_name}.weight').T
+      kernel_ExC = np.ascontiguousarray(array(f'{prefix}{theirs}.{theirs_name}.weight').T)
       if ours_name in ('q_proj', 'k_proj', 'v_proj'):
         kernel_ExC = _qkv_from_hf(cfg, ours_name, kernel_ExC)
-      block[ours][ours_name] = {'kernel': kernel_ExC.copy()}
+      block[ours][ours_name] = {'kernel': kernel_ExC}
     for ours, theirs in _NORMS:
-      block[ours] = {'scale': array(f'{prefix}{theirs}.weight').copy()}
+      block[ours] = {'scale': array(f'{prefix}{theirs}.weight')}
     if cfg.variant == 'diff_v1':
-      block['attn'].update({n: array(f'{prefix}self_attn.{n}').copy() for n in LAMBDA_VECTORS})
+      block['attn'].update({n: array(f'{prefix}self_attn.{n}') for n in LAMBDA_VECTORS})
       if cfg.subln_scale:
         block['attn']['subln'] = {'scale': np.ones(2 * cfg.head_dim, np.float32)}
     params[f'block_{layer}'] = block
