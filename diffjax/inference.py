@@ -4,20 +4,22 @@
 parameters alone of its newest readable checkpoint: no corpus is opened or prepared, nothing is compiled, no
 optimizer state is read, and nothing in the workdir is written, moved or locked, since a run may be training there.
 Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), on one device, ready for
-`Transformer(cfg).apply({'params': params}, tokens_BxT)`.
+`Transformer(cfg).apply({'params': params}, tokens_BxT)`. `score` measures such a model on batches of text.
 """
 
 import logging
+import math
 import os
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from diffjax import checkpoint as checkpoint_lib
-from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers
+from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers, train_step
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
 
@@ -101,3 +103,47 @@ def _read_params(state_dir: str, target: dict) -> dict:
   if os.path.isdir(checksums_dir):  # steps saved before checksums were recorded have none
     checkpoint_lib.verify({'params': params}, ocp.JsonCheckpointHandler().restore(epath.Path(checksums_dir)))
   return params
+
+
+# -- scoring text -----------------------------------------------------------------------------------------------
+
+_score = jax.jit(train_step.eval_step, static_argnums=0)
+
+
+def score(cfg: ModelConfig, params, batches, tokenizer: tokenizers.Tokenizer) -> dict:
+  """Summed nats, scored tokens and their UTF-8 bytes over batches of {inputs, targets, mask}."""
+  nats = tokens = num_bytes = 0.0
+  for batch in batches:
+    out = _score(cfg, params, batch)
+    nats, tokens = nats + float(out['loss_sum']), tokens + float(out['tokens'])
+    num_bytes += scored_bytes(tokenizer, batch['targets'], batch['mask'])
+  return {'nats': nats, 'tokens': int(tokens), 'bytes': int(num_bytes)}
+
+
+def scored_bytes(tokenizer: tokenizers.Tokenizer, targets_BxT: np.ndarray, mask_BxT: np.ndarray) -> int:
+  if isinstance(tokenizer, tokenizers.ByteTokenizer):  # exact even where a row cuts a multi-byte character
+    return int(np.sum((targets_BxT < 256) & (mask_BxT > 0)))
+  return sum(len(tokenizer.decode(row[keep > 0]).encode('utf-8')) for row, keep in zip(targets_BxT, mask_BxT))
+
+
+def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int, batch_size: int):
+  """Batches of rows of seq_len + 1 tokens overlapping by one, over EOS + each text + EOS; padding has mask 0."""
+  eos = np.array([tokenizer.eos_id], np.int64)
+  stream = np.concatenate([eos] + [part for ids in tokenizer.encode_batch(texts) for part in (ids, eos)])
+  rows = []
+  for start in range(0, len(stream) - 1, seq_len):
+    row = stream[start:start + seq_len + 1]
+    rows.append(np.concatenate([row, np.full(seq_len + 1 - len(row), tokenizer.pad_id)]))
+  rows += [np.full(seq_len + 1, tokenizer.pad_id)] * (-len(rows) % batch_size)
+  for start in range(0, len(rows), batch_size):
+    block = np.stack(rows[start:start + batch_size]).astype(np.int32)
+    targets = block[:, 1:]
+    yield {'inputs': block[:, :-1], 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32)}
+
+
+def summary(totals: dict) -> dict:
+  """The reported numbers of `score`'s sums: per token in nats (and as perplexity), per UTF-8 byte in bits."""
+  nats_per_token = totals['nats'] / max(totals['tokens'], 1)
+  return {'tokens': totals['tokens'], 'bytes': totals['bytes'], 'nats_per_token': nats_per_token,
+          'perplexity': math.exp(min(nats_per_token, 700.0)),
+          'bits_per_byte': totals['nats'] / math.log(2) / max(totals['bytes'], 1)}

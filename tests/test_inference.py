@@ -16,7 +16,7 @@ import pytest
 import helpers_training as ht
 import reliability_helpers as rh
 from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, evaluate, inference, optim, tokenizers, train_step
+from diffjax import defaults, inference, optim, tokenizers, train_step
 from diffjax.errors import ConfigError
 
 STEPS = (1, 2)
@@ -82,14 +82,14 @@ def test_what_cannot_be_opened_is_one_line(run, tmp_path):
 
 def test_text_rows_predict_every_token_once():
   tokenizer, texts, seq_len = tokenizers.ByteTokenizer(), ['abcdefghij', 'xyz', 'hello world'], 8
-  batches = list(evaluate.text_batches(tokenizer, texts, seq_len, batch_size=2))
+  batches = list(inference.text_batches(tokenizer, texts, seq_len, batch_size=2))
   stream = [tokenizer.eos_id] + [i for text in texts for i in tokenizer.encode(text) + [tokenizer.eos_id]]
   targets = np.concatenate([b['targets'][b['mask'] > 0] for b in batches])
   assert targets.tolist() == stream[1:]
   for batch in batches:
     assert batch['inputs'].shape == batch['targets'].shape == (2, seq_len)
     np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
-  assert evaluate.scored_bytes(tokenizer, batches[0]['targets'], batches[0]['mask']) == 14  # 'abcdefghij', 'xyz'
+  assert inference.scored_bytes(tokenizer, batches[0]['targets'], batches[0]['mask']) == 14  # 'abcdefghij', 'xyz'
 
 
 def cli(module, *args):
