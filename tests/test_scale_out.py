@@ -33,12 +33,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 FAST_XLA = '--xla_backend_optimization_level=0'
 FIRST_STEPS, ALL_STEPS = 3, 6
 GLOBAL_BATCH = 4
+# A constant learning rate after warm-up: the run of FIRST_STEPS steps and its continuation to ALL_STEPS follow
+# the schedule of one run of ALL_STEPS steps.
 
 
 def _overrides(corpus, data_dir, steps) -> dict:
   return run_overrides(corpus, data_dir, train__seq_len=32, train__global_batch_size=GLOBAL_BATCH,
-                       train__steps=steps, train__warmup_steps=1, checkpoint__every_steps=FIRST_STEPS,
-                       log__eval_every_steps=100, log__eval_batches=1, log__sample_tokens=2)
+                       train__steps=steps, train__warmup_steps=1, train__decay='constant',
+                       checkpoint__every_steps=FIRST_STEPS, log__eval_every_steps=100, log__eval_batches=1, log__sample_tokens=2)
 
 
 def _env(devices: int = 1) -> dict:
