@@ -242,6 +242,8 @@ class Run:
   def sample(self, prompt: str, num_tokens: int, temperature: float) -> str:
     """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
     tokenizer = self.pipeline.tokenizer
-    result = generate.generate(self.cfg, self.state['params'], [tokenizer.encode(prompt) or [tokenizer.eos_id]],
-                               num_tokens, temperature=temperature, seed=self.config.seed, eos_id=tokenizer.eos_id)
+    # The sample closes a finished run, so it fits itself into max_len rather than failing after the training.
+    ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-(self.cfg.max_len - 1):]
+    result = generate.generate(self.cfg, self.state['params'], [ids], min(num_tokens, self.cfg.max_len - len(ids)),
+                               temperature=temperature, seed=self.config.seed, eos_id=tokenizer.eos_id)
     return prompt + tokenizer.decode(result.tokens[0])
