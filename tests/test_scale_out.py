@@ -40,7 +40,8 @@ GLOBAL_BATCH = 4
 def _overrides(corpus, data_dir, steps) -> dict:
   return run_overrides(corpus, data_dir, train__seq_len=32, train__global_batch_size=GLOBAL_BATCH,
                        train__steps=steps, train__warmup_steps=1, train__decay='constant',
-                       checkpoint__every_steps=FIRST_STEPS, log__eval_every_steps=100, log__eval_batches=1, log__sample_tokens=2)
+                       checkpoint__every_steps=FIRST_STEPS, log__eval_every_steps=100, log__eval_batches=1,
+                       log__sample_tokens=2)
 
 
 def _env(devices: int = 1) -> dict:
