@@ -106,7 +106,8 @@ def _tfds_corpus(data_cfg) -> Corpus:
       raise ConfigError(f'data.tfds_name: {name!r} is not prepared in {builder.data_dir_root} and could not be '
                         f'downloaded and prepared ({type(e).__name__}: {first_line(e)}); without TensorFlow, export '
                         "the corpus's documents as .txt or .txt.gz files and train on them with "
-                        "--config.data.source=local --config.data.text_glob='DIR/*.txt.gz', tokenized once by `python -m diffjax.prepare` with the same flags (README, "Recipe data"); '
+                        "--config.data.source=local --config.data.text_glob='DIR/*.txt.gz', tokenized once by "
+                        '`python -m diffjax.prepare` with the same flags (README, "Recipe data"); '
                         'or set data.data_dir to a folder where TFDS has built it (`tfds build '
                         f'{name} --file_format=array_record --data_dir=DIR`, which needs TensorFlow)') from e
   features = list(builder.info.features.keys())
