@@ -320,6 +320,23 @@ def test_the_tfds_error_names_the_way_without_tensorflow(monkeypatch):
   assert 'Recipe data' in message and '\n' not in message
 
 
+# -- TPU without a TPU ---------------------------------------------------------------------------------------------
+
+def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(tmp_path):
+  """launch/aot_compile.py with libtpu's description of a v5p-8 slice; skipped where libtpu is not installed."""
+  import importlib.util
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed (pip install libtpu; it is not a diffjax dependency)')
+  proc = subprocess.run([sys.executable, str(REPO / 'launch' / 'aot_compile.py'),
+                         f'--config={REPO / "configs" / "tiny.py"}', '--topology=v5p-8', '--config.mesh.data=1', '--config.mesh.fsdp=-1'],
+                        env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['chips'] == 4 and result['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert 'TPU' in result['device_kind'] and result['fits']
+  assert 0 < result['argument_gib_per_chip'] < result['total_gib_per_chip'] < 1
+
+
 if __name__ == '__main__':
   sys.path.insert(0, str(HERE))
   print(json.dumps({'reference': reference, 'restore_meshes': restore_meshes}[sys.argv[1]](json.loads(sys.argv[2]))))
