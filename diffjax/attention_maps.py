@@ -21,36 +21,51 @@ LAYER = flags.DEFINE_integer('layer', -1, 'Layer (0-based; negative counts from 
 HEAD = flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).', lower_bound=0)
 
 
+def layer_inputs(cfg: ModelConfig, params, tokens_BxT) -> list:
+  """Every layer's attention input (the output of its attn_norm, (B, T, E)), from one forward pass."""
+  _, captured = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxT, capture_intermediates=True)
+  return [captured['intermediates'][f'block_{layer}']['attn_norm']['__call__'][0] for layer in range(cfg.n_layers)]
+
+
+def maps_from_input(cfg: ModelConfig, attn_params, x_BxTxE, layer: int, rows_R=None) -> dict:
+  """One layer's attention maps (jnp float32) at the query positions `rows_R` (default: all): `a1`, `a2`, `diff`
+  (B, H, R, T) and the scalar `lambda` for DIFF V1; `a` (B, N, R, T) for the baseline. Traceable, so callers may jit
+  it; only the rows asked for are computed, so one row of a long context stays cheap."""
+  if cfg.variant == 'diff_v2':
+    raise ConfigError('model.variant: attention maps are drawn for diff_v1 and baseline; diff_v2\'s λ is per token')
+  p = attn_params
+  b, t, d = x_BxTxE.shape[0], x_BxTxE.shape[1], cfg.head_dim
+  rows_R = jnp.arange(t) if rows_R is None else jnp.asarray(rows_R)
+  positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+  rotate = lambda z: attention.apply_rope(z, positions_BxT, cfg.rope_theta, cfg.rope_pairing)
+  q_BxRxNxD = rotate((x_BxTxE @ p['q_proj']['kernel']).reshape(b, t, -1, d))[:, rows_R]
+  k_BxTxKxD = rotate((x_BxTxE @ p['k_proj']['kernel']).reshape(b, t, -1, d))
+  visible_RxT = rows_R[:, None] >= jnp.arange(t)[None, :]  # causal: row r sees keys s <= r
+  group = lambda n, n_q, n_k: n // (n_q // n_k)  # GQA: query head n reads kv head n // (N / K)
+  if cfg.variant == 'baseline':
+    n, kv = q_BxRxNxD.shape[2], k_BxTxKxD.shape[2]
+    k_BxTxNxD = k_BxTxKxD[:, :, [group(i, n, kv) for i in range(n)]]
+    logits = jnp.einsum('brnd,bsnd->bnrs', q_BxRxNxD, k_BxTxNxD) * d ** -0.5
+    return {'a': attention._causal_softmax(logits, visible_RxT)}
+  # DIFF V1: sub-heads (2h, 2h+1) are (q1, q2) of head h; they meet (k1, k2) of kv group h // R.
+  heads, groups = q_BxRxNxD.shape[2] // 2, k_BxTxKxD.shape[2] // 2
+  maps = {}
+  for c, name in ((0, 'a1'), (1, 'a2')):
+    k_c = k_BxTxKxD[:, :, 2 * np.array([group(h, heads, groups) for h in range(heads)]) + c]
+    logits = jnp.einsum('brhd,bshd->bhrs', q_BxRxNxD[:, :, c::2], k_c) * d ** -0.5
+    maps[name] = attention._causal_softmax(logits, visible_RxT)
+  maps['lambda'] = attention.reparameterised_lambda(p, layer)
+  maps['diff'] = maps['a1'] - maps['lambda'] * maps['a2']
+  return maps
+
+
 def layer_maps(cfg: ModelConfig, params, tokens_1xT, layer: int) -> dict[str, np.ndarray]:
   """Attention maps of one layer as float32 NumPy arrays: `a1`, `a2`, `diff` (H, T, T) for DIFF V1, `a` for the
   baseline (N, T, T)."""
   if cfg.variant == 'diff_v2':
     raise ConfigError('model.variant: attention maps are drawn for diff_v1 and baseline; diff_v2\'s λ is per token')
-  _, captured = model_lib.Transformer(cfg).apply({'params': params}, tokens_1xT, capture_intermediates=True)
-  x_1xTxE = captured['intermediates'][f'block_{layer}']['attn_norm']['__call__'][0]
-  p = params[f'block_{layer}']['attn']
-  t, d = tokens_1xT.shape[1], cfg.head_dim
-  positions = jnp.arange(t)[None]
-  rotate = lambda z: attention.apply_rope(z, positions, cfg.rope_theta, cfg.rope_pairing)
-  q_TxNxD = rotate((x_1xTxE @ p['q_proj']['kernel']).reshape(1, t, -1, d))[0]
-  k_TxKxD = rotate((x_1xTxE @ p['k_proj']['kernel']).reshape(1, t, -1, d))[0]
-  group = lambda n, n_q, n_k: n // (n_q // n_k)  # GQA: query head n reads kv head n // (N / K)
-  if cfg.variant == 'baseline':
-    n, kv = q_TxNxD.shape[1], k_TxKxD.shape[1]
-    k_TxNxD = k_TxKxD[:, [group(i, n, kv) for i in range(n)]]
-    logits = jnp.einsum('tnd,snd->nts', q_TxNxD, k_TxNxD) * d ** -0.5
-    return {'a': np.asarray(attention._causal_softmax(logits))}
-  # DIFF V1: sub-heads (2h, 2h+1) are (q1, q2) of head h; they meet (k1, k2) of kv group h // R.
-  heads, groups = q_TxNxD.shape[1] // 2, k_TxKxD.shape[1] // 2
-  maps = {}
-  for c, name in ((0, 'a1'), (1, 'a2')):
-    k_c = k_TxKxD[:, 2 * np.array([group(h, heads, groups) for h in range(heads)]) + c]
-    logits = jnp.einsum('thd,shd->hts', q_TxNxD[:, c::2], k_c) * d ** -0.5
-    maps[name] = np.asarray(attention._causal_softmax(logits))
-  lam = float(attention.reparameterised_lambda(p, layer))
-  maps['diff'] = maps['a1'] - lam * maps['a2']
-  maps['lambda'] = np.float32(lam)
-  return maps
+  maps = maps_from_input(cfg, params[f'block_{layer}']['attn'], layer_inputs(cfg, params, tokens_1xT)[layer], layer)
+  return {key: np.float32(value) if key == 'lambda' else np.asarray(value[0]) for key, value in maps.items()}
 
 
 def plot(maps: dict, labels: list[str], title: str, path: str, head: int):
