@@ -15,10 +15,14 @@ from diffjax import attention, cli, inference, model as model_lib
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
 
-WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
-PROMPT = flags.DEFINE_string('prompt', 'def attention(query, key, value):\n    return', 'Text to look at.')
-LAYER = flags.DEFINE_integer('layer', -1, 'Layer (0-based; negative counts from the last).')
-HEAD = flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).', lower_bound=0)
+
+def _define_flags():
+  """Defined only when this module runs as a program, so that a command with flags of the same names (such as
+  diffjax.needles) can import its map functions."""
+  flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
+  flags.DEFINE_string('prompt', 'def attention(query, key, value):\n    return', 'Text to look at.')
+  flags.DEFINE_integer('layer', -1, 'Layer (0-based; negative counts from the last).')
+  flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).', lower_bound=0)
 
 
 def layer_inputs(cfg: ModelConfig, params, tokens_BxT) -> list:
@@ -94,20 +98,22 @@ def plot(maps: dict, labels: list[str], title: str, path: str, head: int):
 @cli.report_errors
 def main(argv):
   del argv
-  cfg, params, tokenizer, step = inference.open_run(WORKDIR.value)
-  ids = tokenizer.encode(PROMPT.value)
+  args = flags.FLAGS
+  cfg, params, tokenizer, step = inference.open_run(args.workdir)
+  ids = tokenizer.encode(args.prompt)
   if not 0 < len(ids) <= cfg.max_len:
     raise ConfigError(f'--prompt: it is {len(ids)} tokens long; give 1 to {cfg.max_len} (the model\'s max_len)')
-  layer = LAYER.value % cfg.n_layers
+  layer = args.layer % cfg.n_layers
   maps = layer_maps(cfg, params, jnp.asarray([ids], jnp.int32), layer)
   heads = next(iter(v for k, v in maps.items() if k != 'lambda')).shape[0]
-  if HEAD.value >= heads:
-    raise ConfigError(f'--head: {HEAD.value} is out of range; this layer has {heads} heads (0..{heads - 1})')
+  if args.head >= heads:
+    raise ConfigError(f'--head: {args.head} is out of range; this layer has {heads} heads (0..{heads - 1})')
   labels = [repr(tokenizer.decode([i]))[1:-1] or '·' for i in ids]
-  path = os.path.join(WORKDIR.value, f'attention_layer{layer}_head{HEAD.value}.png')
-  plot(maps, labels, f'{cfg.variant}, step {step}, layer {layer}, head {HEAD.value}', path, HEAD.value)
+  path = os.path.join(args.workdir, f'attention_layer{layer}_head{args.head}.png')
+  plot(maps, labels, f'{cfg.variant}, step {step}, layer {layer}, head {args.head}', path, args.head)
   print(path)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)
