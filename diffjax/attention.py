@@ -23,9 +23,9 @@ from diffjax.errors import ConfigError
 _MASKED = jnp.finfo(jnp.float32).min
 
 
-def lambda_init_for(layer: int) -> float:
-  """λ_init of the paper for the 0-based layer index `layer`."""
-  return 0.8 - 0.6 * math.exp(-0.3 * layer)
+def lambda_init_for(layer):
+  """λ_init of the paper for the 0-based layer index `layer` (a Python int, or a traced index under scan)."""
+  return 0.8 - 0.6 * (math.exp(-0.3 * layer) if isinstance(layer, int) else jnp.exp(-0.3 * layer))
 
 
 def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
@@ -134,7 +134,7 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
 LAMBDA_VECTORS = ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')
 
 
-def reparameterised_lambda(attn_params, layer: int):
+def reparameterised_lambda(attn_params, layer):
   """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init in float32; one scalar shared by all heads of the layer."""
   p = {n: jnp.asarray(attn_params[n], jnp.float32) for n in LAMBDA_VECTORS}
   return (jnp.exp(jnp.sum(p['lambda_q1'] * p['lambda_k1'])) - jnp.exp(jnp.sum(p['lambda_q2'] * p['lambda_k2']))

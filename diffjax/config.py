@@ -38,6 +38,9 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype; parameters, softmax and λ stay float32
   norm_eps: float = 1e-5
   remat: bool = False  # recompute each block in the backward pass to save activation memory
+  # One block traced once and run by a loop over stacked per-layer parameters (`nn.scan`): compile time and the
+  # compiled program stop growing with depth. Parameters then carry a leading `layers` axis.
+  scan_layers: bool = False
   # Residual-branch output projections (attention out_proj, FFN down_proj) start at N(0, 0.02/sqrt(2 n_layers))
   # (GPT-2, Megatron) if True, at N(0, 0.02) like every other matrix (Hugging Face Llama and DiffLlama) if False.
   scale_residual_init: bool = True

@@ -316,8 +316,9 @@ class InputPipeline:
     self._corpus, self._seq_len, self._batch_size, self._seed = corpus, seq_len, batch_size, seed
     self._shard, self._read_threads, self._prefetch_batches = shard, read_threads, prefetch_batches
     index, count = shard
+    # Every process of a run saves the same position (process 0 writes it), so it names the shard count only.
     self.identity = f'{corpus.identity}, {self.meta["tokenizer"]}, seq {seq_len}' + (
-        f', shard {index} of {count}' if count > 1 else '')
+        f', {count} shards' if count > 1 else '')
     if self.meta['splits'][corpus_lib.TRAIN]['rows'] < count:
       raise ConfigError(f'data.{corpus.config_key}: {self.meta["splits"][corpus_lib.TRAIN]["rows"]} training '
                         f'sequences cannot be shared among {count} processes; use a larger corpus or fewer hosts')

@@ -96,7 +96,7 @@ def scaling_config(name: str) -> ml_collections.ConfigDict:
   c = base_config()
   recipe_data(c)
   c.model.update(n_layers=layers, d_model=width, n_heads=2 * diff_heads, d_ff=round(width * 8 / 3 / 64) * 64,
-                 max_len=2048, remat=True)
+                 max_len=2048, remat=True, scan_layers=True)
   c.train.update(seq_len=2048, global_batch_size=128, microbatches=8, steps=40_000, learning_rate=3.2e-4,
                  warmup_steps=375, b1=0.9, b2=0.98, weight_decay=0.05)
   c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -16,10 +16,12 @@ The two frameworks compute the same function with differently ordered channels:
   - Flax Dense kernels are (in, out), torch Linear weights (out, in); embeddings are (vocab, width) in both.
 """
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 
+from diffjax import model as model_lib
 from diffjax.attention import LAMBDA_VECTORS
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
@@ -93,6 +95,8 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   The state_dict has the keys of the Hugging Face model's own `state_dict()`, `lm_head.weight` included when the
   embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it.
   """
+  if cfg.scan_layers:  # Hugging Face keeps one module per layer
+    params, cfg = model_lib.unstack_layers(cfg, params), dataclasses.replace(cfg, scan_layers=False)
   config = hf_config(cfg)
   array = lambda x: np.array(x, dtype=np.float32)  # a copy: the result shares no memory with `params`
   embedding = array(params['embed']['embedding'])

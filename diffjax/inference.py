@@ -7,6 +7,7 @@ Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), o
 `Transformer(cfg).apply({'params': params}, tokens_BxT)`. `score` measures such a model on batches of text.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -58,7 +59,8 @@ def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokeniz
   tokenizer = run_tokenizer(config, workdir)
   cfg = defaults.model_config(config, tokenizer.vocab_size)
   step, params = restore_params(os.path.join(workdir, 'checkpoints'), cfg)
-  return cfg, params, tokenizer, step
+  # Generation, maps and export index layers by name; the unscanned layout computes the same function.
+  return dataclasses.replace(cfg, scan_layers=False), model_lib.unstack_layers(cfg, params), tokenizer, step
 
 
 def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:

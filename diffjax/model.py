@@ -44,6 +44,17 @@ class Block(nn.Module):
     return x_BxTxE if cache is None else (x_BxTxE, cache)
 
 
+class _LayerStack(nn.Module):
+  """The body of `nn.scan` over layers: one Block whose layer index (for DIFF's λ_init) arrives as the scanned
+  input, so the same traced block serves every layer."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE, layer, positions_BxT):
+    block = nn.remat(Block) if self.cfg.remat else Block
+    return block(self.cfg, layer, name='block')(x_BxTxE, positions_BxT), None
+
+
 class Transformer(nn.Module):
   """tokens (B, T) int -> logits (B, T, vocab) float32.
 
@@ -65,7 +76,14 @@ class Transformer(nn.Module):
     x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
     block = nn.remat(Block) if cfg.remat else Block
     new_cache = []
-    for layer in range(cfg.n_layers):
+    if cfg.scan_layers:
+      if cache is not None:
+        raise ValueError('the KV cache path runs unscanned layers; convert the parameters with unstack_layers')
+      layers = nn.scan(_LayerStack, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxTxE, _ = layers(cfg, name='layers')(x_BxTxE, jnp.arange(cfg.n_layers), positions_BxT)
+    for layer in range(0 if cfg.scan_layers else cfg.n_layers):
       if cache is None:
         x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT)
       else:
@@ -100,11 +118,32 @@ def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(params)))
 
 
+def unstack_layers(cfg: ModelConfig, params) -> dict:
+  """Parameters of a `scan_layers` model in the unscanned layout (`block_0`, `block_1`, ...); others unchanged.
+
+  The two layouts compute the same function, so a scanned run can be sampled, exported or inspected unscanned.
+  """
+  params = nn.meta.unbox(params)
+  if not cfg.scan_layers:
+    return params
+  stacked = params['layers']['block']
+  blocks = {f'block_{layer}': jax.tree.map(lambda x, i=layer: x[i], stacked) for layer in range(cfg.n_layers)}
+  return {**{k: v for k, v in params.items() if k != 'layers'}, **blocks}
+
+
+def stack_layers(cfg: ModelConfig, params) -> dict:
+  """The inverse of `unstack_layers`: unscanned parameters in the layout of a `scan_layers` model."""
+  params = nn.meta.unbox(params)
+  blocks = [params[f'block_{layer}'] for layer in range(cfg.n_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith('block_')}
+  return {**rest, 'layers': {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+
+
 def lambdas(cfg: ModelConfig, params) -> list | None:
   """DIFF V1's λ of every layer, from the `params` collection (V2's λ is per token; the baseline has none)."""
   if cfg.variant != 'diff_v1':
     return None
-  params = nn.meta.unbox(params)
+  params = unstack_layers(cfg, params)
   return [reparameterised_lambda(params[f'block_{layer}']['attn'], layer) for layer in range(cfg.n_layers)]
 
 

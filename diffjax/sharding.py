@@ -18,6 +18,7 @@ LOGICAL_AXIS_RULES = (
     ('kv', 'tensor'),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
+    ('layers', None),  # the stacked axis of scanned layers: every device holds its slice of every layer
 )
 
 

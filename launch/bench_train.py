@@ -81,6 +81,7 @@ def main():
   parser.add_argument('--impl', default='', help='model.attention_impl override')
   parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
   parser.add_argument('--ffn', type=int, default=0, help='model.d_ff override (0: the config\'s)')
+  parser.add_argument('--scan', type=int, default=-1, help='model.scan_layers override (0/1)')
   parser.add_argument('--init_from', default='', help='also time the first variant with the weights of this run')
   parser.add_argument('--out', default='bench_train.json')
   args = parser.parse_args()
@@ -92,6 +93,8 @@ def main():
     config.model.attention_impl = args.impl
   if args.ffn:
     config.model.d_ff = args.ffn
+  if args.scan >= 0:
+    config.model.scan_layers = bool(args.scan)
   if args.remat >= 0:
     config.model.remat = bool(args.remat)
   variants = args.variants.split(',')

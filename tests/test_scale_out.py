@@ -99,26 +99,6 @@ def _two_processes(workdir, overrides, logs: pathlib.Path) -> list[str]:
   return outputs
 
 
-def _resume_is_possible(folder: str, corpus_dir, data_dir) -> str | None:
-  """Why two processes cannot resume yet, or None.
-
-  Process 0 saves the input position, which names its pipeline (`InputPipeline.identity`); every process restores
-  it and refuses a position saved for another pipeline. While the identity holds the shard index, process 1
-  refuses process 0's position ('shard 0 of 2' is not 'shard 1 of 2').
-  """
-  from diffjax import corpus as corpus_lib
-  from diffjax import data as data_lib
-  from diffjax import tokenizers
-  config = load_config(run_overrides(corpus_dir, data_dir))
-  corpus = corpus_lib.open_corpus(config.data)
-  identities = {data_lib.InputPipeline(folder, corpus=corpus, tokenizer=tokenizers.ByteTokenizer(), seq_len=32,
-                                       batch_size=2, seed=0, shard=(i, 2)).identity for i in range(2)}
-  if len(identities) > 1:
-    return ('the saved input position names the shard index of process 0 (InputPipeline.identity), so process 1 '
-            'refuses it on resume; see the proposal for diffjax/data.py in the issue')
-  return None
-
-
 # -- two processes -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -127,14 +107,11 @@ def multiprocess(tmp_path_factory):
   corpus, data_dir, workdir = write_corpus(root / 'corpus', num_docs=4, chars_per_doc=8000), root / 'data', root / 'w'
   first = _two_processes(workdir, _overrides(corpus, data_dir, FIRST_STEPS), root / 'logs_first')
   first_metrics = read_metrics(workdir)
-  folder = next(p for p in data_dir.glob('*/*') if p.is_dir())
-  blocked = _resume_is_possible(str(folder), corpus, data_dir)
-  resumed = None if blocked else _two_processes(workdir, _overrides(corpus, data_dir, ALL_STEPS), root / 'logs')
-  steps = FIRST_STEPS if blocked else ALL_STEPS
-  reference = _script('reference', {'overrides': _overrides(corpus, data_dir, steps),
+  resumed = _two_processes(workdir, _overrides(corpus, data_dir, ALL_STEPS), root / 'logs')
+  reference = _script('reference', {'overrides': _overrides(corpus, data_dir, ALL_STEPS),
                                     'workdir': str(root / 'reference')}, devices=2)
   return types.SimpleNamespace(workdir=workdir, first=first, resumed=resumed, first_metrics=first_metrics,
-                               metrics=read_metrics(workdir), reference=reference, blocked=blocked, steps=steps)
+                               metrics=read_metrics(workdir), reference=reference, steps=ALL_STEPS)
 
 
 def test_two_processes_train_and_save(multiprocess):
@@ -145,8 +122,7 @@ def test_two_processes_train_and_save(multiprocess):
 
 
 def test_two_processes_resume(multiprocess):
-  if multiprocess.blocked:
-    pytest.xfail(multiprocess.blocked)
+  # Process 0 saves the input position and process 1 restores it, so it must not name process 0's shard.
   assert f'resumed from step {FIRST_STEPS}' in multiprocess.resumed[0]
   assert sorted(int(p.name) for p in (multiprocess.workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [
       FIRST_STEPS, ALL_STEPS]
