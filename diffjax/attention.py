@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax import pallas_attention
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
 
@@ -67,6 +68,11 @@ def resolve_impl(requested: str, dtype, head_dim: int) -> str:
     reason = ('there is no GPU' if not on_gpu else 'it needs model.dtype bfloat16 or float16' if not half_precision
               else 'it needs a head width that is a multiple of 8 and at most 128')
     raise ConfigError(f"model.attention_impl: 'cudnn' cannot run here ({reason}); use 'auto' or 'xla'")
+  if requested == 'pallas' and not (on_gpu or pallas_attention.interpret_requested()):
+    raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {pallas_attention.INTERPRET_ENV}=1 "
+                      "for the slow interpret mode on CPU); use 'auto' or 'xla'")
+  if requested == 'pallas' and not pallas_attention.head_dim_supported(head_dim):
+    raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
   if requested != 'auto':
     return requested
   if cudnn_ok:
@@ -84,6 +90,8 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   `visible_BxTxS` replaces the causal mask (the cache path; `xla` only).
   """
   scale = q_BxTxNxD.shape[-1] ** -0.5
+  if impl == 'pallas':
+    raise ConfigError("model.attention_impl: 'pallas' has a kernel for diff_v1 only; use 'auto', 'xla' or 'cudnn'")
   if impl == 'cudnn':
     return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=True,
                                         implementation='cudnn').astype(jnp.float32)
@@ -108,6 +116,8 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   scale = d ** -0.5
+  if impl == 'pallas':
+    return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam)
   if impl == 'cudnn':
     # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1
     # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from diffjax.errors import ConfigError
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas')
 ROPE_PAIRINGS = ('interleaved', 'half')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 

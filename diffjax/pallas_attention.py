@@ -1,0 +1,277 @@
+"""A fused differential flash-attention kernel for DIFF V1 in Pallas (the Triton lowering on NVIDIA GPUs).
+
+It computes `diff_v1_attention`'s function, (A1 - λ A2) V with the causal mask and GQA, in one pass over the key
+and value tiles: both softmax maps of a differential head run as two online softmaxes against the same 2D-wide
+value tile, loaded once, and λ is applied at the end. The backward (FlashAttention-2 style) recomputes both maps
+from the two saved logsumexps in two Pallas kernels, one for dq (a grid over query tiles) and one for dk and dv (a
+grid over key tiles), so that no kernel needs atomics.
+
+Layout: the sub-heads (q1, q2) = (2h, 2h+1) of a differential head sit next to each other, so reshaping
+(B, T, 2H, D) to (B, T, H, 2D) is free and puts [q1 | q2] in one row; the same for keys. A kernel instance owns one
+(batch, differential head, tile) and reads the kv group h // R.
+
+On CPU the kernels run only in Pallas interpret mode (slow; for tests): `resolve_impl` allows `attention_impl=
+'pallas'` off the GPU only when the environment variable DIFFJAX_PALLAS_INTERPRET=1 is set.
+"""
+
+import dataclasses
+import functools
+import os
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+INTERPRET_ENV = 'DIFFJAX_PALLAS_INTERPRET'
+
+# Finite, unlike -inf: a masked logit minus a finite running max exponentiates to exactly 0, never to NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def interpret_requested() -> bool:
+  return os.environ.get(INTERPRET_ENV, '') not in ('', '0')
+
+
+def head_dim_supported(head_dim: int) -> bool:
+  """Triton tiles need power-of-two sizes, and its matmuls at least 16 along every axis."""
+  return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels are specialised on (hashable: a non-differentiable argument of the custom vjp)."""
+  head_dim: int
+  n_rep: int  # differential heads per kv group
+  block_q: int
+  block_k: int
+  interpret: bool
+
+  @property
+  def scale(self):
+    return self.head_dim ** -0.5
+
+  def params(self, head_dim):
+    return dict(interpret=self.interpret,
+                compiler_params=plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2))
+
+
+def _dot(a, b, precision, *, trans_a=False, trans_b=False):
+  """a @ b with either operand transposed, accumulated in float32 (IEEE float32 for float32 inputs, not TF32)."""
+  contract = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, contract, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _precision(dtype):
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _visible(rows_Q, start_k, block_k):
+  return rows_Q[:, None] >= (start_k + jnp.arange(block_k))[None, :]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2_ref, *, st: _Static):
+  d, block_k = st.head_dim, st.block_k
+  block_q = q_ref.shape[0]
+  precision = _precision(q_ref.dtype)
+  start_q = pl.program_id(0) * block_q
+  rows_Q = start_q + jnp.arange(block_q)
+  q1_QxD, q2_QxD = q_ref[:, :d], q_ref[:, d:]
+
+  def online_softmax(q_QxD, k_KxD, v_Kx2D, visible_QxK, acc_Qx2D, max_Q, sum_Q):
+    logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
+    new_max_Q = jnp.maximum(max_Q, jnp.max(logits_QxK, axis=-1))
+    probs_QxK = jnp.exp(logits_QxK - new_max_Q[:, None])
+    rescale_Q = jnp.exp(max_Q - new_max_Q)
+    acc_Qx2D = rescale_Q[:, None] * acc_Qx2D + _dot(probs_QxK.astype(v_Kx2D.dtype), v_Kx2D, precision)
+    return acc_Qx2D, new_max_Q, rescale_Q * sum_Q + jnp.sum(probs_QxK, axis=-1)
+
+  def body(j, carry):
+    tile = pl.ds(j * block_k, block_k)
+    k_Kx2D, v_Kx2D = k_ref[tile, :], v_ref[tile, :]
+    visible_QxK = _visible(rows_Q, j * block_k, block_k)
+    return (online_softmax(q1_QxD, k_Kx2D[:, :d], v_Kx2D, visible_QxK, *carry[:3])
+            + online_softmax(q2_QxD, k_Kx2D[:, d:], v_Kx2D, visible_QxK, *carry[3:]))
+
+  empty = (jnp.zeros((block_q, 2 * d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  # Causal: this query tile sees the key tiles up to its last row.
+  n_tiles = lax.div(start_q + block_q + block_k - 1, block_k)
+  acc1, max1, sum1, acc2, max2, sum2 = lax.fori_loop(0, n_tiles, body, empty + empty)
+  a2v_Qx2D = acc2 / sum2[:, None]
+  o_ref[...] = acc1 / sum1[:, None] - lam_ref[0] * a2v_Qx2D
+  a2v_ref[...] = a2v_Qx2D
+  lse1_ref[...] = max1 + jnp.log(sum1)
+  lse2_ref[...] = max2 + jnp.log(sum2)
+
+
+def _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, lse1_Q, lse2_Q, delta1_Q, delta2_Q, lam, visible_QxK, st):
+  """Both maps' probabilities recomputed from their logsumexps, and the gradients of their logits.
+
+  With dP = dO V^T: dS1 = P1 ∘ (dP - Δ1) and dS2 = -λ P2 ∘ (dP - Δ2), Δc = rowsum(dO ∘ Ac V).
+  """
+  d, precision = st.head_dim, _precision(q_Qx2D.dtype)
+  def probs(q_QxD, k_KxD, lse_Q):
+    logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
+    return jnp.exp(logits_QxK - lse_Q[:, None])
+  p1_QxK, p2_QxK = probs(q_Qx2D[:, :d], k_Kx2D[:, :d], lse1_Q), probs(q_Qx2D[:, d:], k_Kx2D[:, d:], lse2_Q)
+  dp_QxK = _dot(do_Qx2D, v_Kx2D, precision, trans_b=True)
+  ds1_QxK = p1_QxK * (dp_QxK - delta1_Q[:, None])
+  ds2_QxK = -lam * p2_QxK * (dp_QxK - delta2_Q[:, None])
+  return p1_QxK, p2_QxK, ds1_QxK, ds2_QxK
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, dq_ref, *,
+               st: _Static):
+  d, block_k = st.head_dim, st.block_k
+  block_q = q_ref.shape[0]
+  precision = _precision(q_ref.dtype)
+  start_q = pl.program_id(0) * block_q
+  rows_Q = start_q + jnp.arange(block_q)
+  q_Qx2D, do_Qx2D, lam = q_ref[...], do_ref[...], lam_ref[0]
+  per_row = (lse1_ref[...], lse2_ref[...], delta1_ref[...], delta2_ref[...])
+
+  def body(j, carry):
+    dq1_QxD, dq2_QxD = carry
+    tile = pl.ds(j * block_k, block_k)
+    k_Kx2D, v_Kx2D = k_ref[tile, :], v_ref[tile, :]
+    _, _, ds1_QxK, ds2_QxK = _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, *per_row, lam,
+                                          _visible(rows_Q, j * block_k, block_k), st)
+    return (dq1_QxD + _dot(ds1_QxK.astype(k_Kx2D.dtype), k_Kx2D[:, :d], precision),
+            dq2_QxD + _dot(ds2_QxK.astype(k_Kx2D.dtype), k_Kx2D[:, d:], precision))
+
+  zeros = jnp.zeros((block_q, d), jnp.float32)
+  dq1_QxD, dq2_QxD = lax.fori_loop(0, lax.div(start_q + block_q + block_k - 1, block_k), body, (zeros, zeros))
+  dq_ref[:, :d] = (dq1_QxD * st.scale).astype(dq_ref.dtype)
+  dq_ref[:, d:] = (dq2_QxD * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, dk_ref, dv_ref,
+                *, st: _Static):
+  d, block_q = st.head_dim, st.block_q
+  block_k = k_ref.shape[0]
+  precision = _precision(q_ref.dtype)
+  start_k = pl.program_id(0) * block_k
+  k_Kx2D, v_Kx2D, lam = k_ref[...], v_ref[...], lam_ref[0]
+
+  def body(i, carry):
+    dk1_KxD, dk2_KxD, dv_Kx2D = carry
+    tile = pl.ds(i * block_q, block_q)
+    q_Qx2D, do_Qx2D = q_ref[tile, :], do_ref[tile, :]
+    per_row = (lse1_ref[tile], lse2_ref[tile], delta1_ref[tile], delta2_ref[tile])
+    visible_QxK = _visible(i * block_q + jnp.arange(block_q), start_k, block_k)
+    p1_QxK, p2_QxK, ds1_QxK, ds2_QxK = _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, *per_row, lam, visible_QxK, st)
+    dtype = q_Qx2D.dtype
+    return (dk1_KxD + _dot(ds1_QxK.astype(dtype), q_Qx2D[:, :d], precision, trans_a=True),
+            dk2_KxD + _dot(ds2_QxK.astype(dtype), q_Qx2D[:, d:], precision, trans_a=True),
+            dv_Kx2D + _dot((p1_QxK - lam * p2_QxK).astype(dtype), do_Qx2D, precision, trans_a=True))
+
+  zeros = jnp.zeros((block_k, d), jnp.float32)
+  # Causal: query tiles that end before this key tile's first key contribute nothing.
+  dk1_KxD, dk2_KxD, dv_Kx2D = lax.fori_loop(lax.div(start_k, block_q), q_ref.shape[0] // block_q, body,
+                                            (zeros, zeros, jnp.zeros((block_k, 2 * d), jnp.float32)))
+  dk_ref[:, :d] = dk1_KxD * st.scale
+  dk_ref[:, d:] = dk2_KxD * st.scale
+  dv_ref[...] = dv_Kx2D
+
+
+def _specs(st: _Static, t: int, s: int, d2: int):
+  """BlockSpecs over grids (tile, batch, head): a query-side tile, the whole query side, the kv side likewise."""
+  rep = st.n_rep
+  return dict(
+      q_tile=pl.BlockSpec((None, st.block_q, None, d2), lambda i, b, h: (b, i, h, 0)),
+      q_all=pl.BlockSpec((None, t, None, d2), lambda i, b, h: (b, 0, h, 0)),
+      kv_tile=pl.BlockSpec((None, st.block_k, None, d2), lambda i, b, h: (b, i, h // rep, 0)),
+      kv_all=pl.BlockSpec((None, s, None, d2), lambda i, b, h: (b, 0, h // rep, 0)),
+      kv_tile_per_head=pl.BlockSpec((None, st.block_k, None, d2), lambda i, b, h: (b, i, h, 0)),
+      row_tile=pl.BlockSpec((None, None, st.block_q), lambda i, b, h: (b, h, i)),
+      row_all=pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0)),
+      scalar=pl.BlockSpec((1,), lambda i, b, h: (0,)),
+  )
+
+
+def _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
+  b, t, h, d2 = q_BxTxHx2D.shape
+  spec = _specs(st, t, k_BxSxGx2D.shape[1], d2)
+  rows = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
+  out = jax.ShapeDtypeStruct((b, t, h, d2), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, st=st), grid=(t // st.block_q, b, h),
+      in_specs=[spec['q_tile'], spec['kv_all'], spec['kv_all'], spec['scalar']],
+      out_specs=[spec['q_tile'], spec['q_tile'], spec['row_tile'], spec['row_tile']],
+      out_shape=[out, out, rows, rows], name='diff_v1_flash_forward', **st.params(d2),
+  )(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
+  return _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st)[0]
+
+
+def _flash_fwd(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
+  out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT, lse2_BxHxT = _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st)
+  return out_BxTxHx2D, (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT,
+                        lse2_BxHxT)
+
+
+def _flash_bwd(st: _Static, residuals, dout_BxTxHx2D):
+  q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT, lse2_BxHxT = residuals
+  b, t, h, d2 = q_BxTxHx2D.shape
+  s, g = k_BxSxGx2D.shape[1:3]
+  # The forward keeps A2 V (one extra float32 output) so that Δ1, Δ2 and dλ are elementwise reductions here
+  # (XLA fuses them) rather than another pass over K/V: Δc = rowsum(dO ∘ Ac V) with A1 V = O + λ A2 V, and
+  # dλ = -Σ dO ∘ A2 V.
+  dout_BxTxHx2D = dout_BxTxHx2D.astype(jnp.float32)
+  delta2_BxTxH = jnp.sum(dout_BxTxHx2D * a2v_BxTxHx2D, axis=-1)
+  delta1_BxTxH = jnp.sum(dout_BxTxHx2D * (out_BxTxHx2D + lam_1[0] * a2v_BxTxHx2D), axis=-1)
+  dlam_1 = -jnp.sum(delta2_BxTxH).reshape(1)
+  per_row = [x.transpose(0, 2, 1) for x in (delta1_BxTxH, delta2_BxTxH)]
+  # The kernels' matmuls take dO in the input dtype (bf16 tensor cores); P and dS are cast likewise.
+  dout_BxTxHx2D = dout_BxTxHx2D.astype(q_BxTxHx2D.dtype)
+  operands = (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, dout_BxTxHx2D, lse1_BxHxT, lse2_BxHxT, *per_row, lam_1)
+  spec = _specs(st, t, s, d2)
+  dq_BxTxHx2D = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st), grid=(t // st.block_q, b, h),
+      in_specs=[spec['q_tile'], spec['kv_all'], spec['kv_all'], spec['q_tile']] + [spec['row_tile']] * 4
+      + [spec['scalar']],
+      out_specs=spec['q_tile'], out_shape=jax.ShapeDtypeStruct(q_BxTxHx2D.shape, q_BxTxHx2D.dtype),
+      name='diff_v1_flash_dq', **st.params(d2),
+  )(*operands)
+  # One dk, dv per differential head, summed over the R heads of each kv group below: no atomics across heads.
+  per_head = jax.ShapeDtypeStruct((b, s, h, d2), jnp.float32)
+  dk_BxSxHx2D, dv_BxSxHx2D = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st), grid=(s // st.block_k, b, h),
+      in_specs=[spec['q_all'], spec['kv_tile'], spec['kv_tile'], spec['q_all']] + [spec['row_all']] * 4
+      + [spec['scalar']],
+      out_specs=[spec['kv_tile_per_head']] * 2, out_shape=[per_head, per_head],
+      name='diff_v1_flash_dkv', **st.params(d2),
+  )(*operands)
+  dk_BxSxGx2D, dv_BxSxGx2D = (x.reshape(b, s, g, st.n_rep, d2).sum(axis=3) for x in (dk_BxSxHx2D, dv_BxSxHx2D))
+  return dq_BxTxHx2D, dk_BxSxGx2D.astype(k_BxSxGx2D.dtype), dv_BxSxGx2D.astype(v_BxSxGx2D.dtype), dlam_1
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, block_q=64, block_k=64, interpret=None):
+  """`diff_v1_attention` (causal, GQA) as fused Pallas kernels; returns (B, T, H, 2D) float32.
+
+  Differentiable in q, k, v and λ (a float32 scalar, traced). T must equal S (training, no cache) and be a multiple
+  of the tile sizes (clipped to T); D a power of two >= 16. `interpret` defaults to True off the GPU.
+  """
+  b, t, two_h, d = q_BxTx2HxD.shape
+  s, two_g = k_BxSx2GxD.shape[1:3]
+  block_q, block_k = min(block_q, t), min(block_k, s)
+  if t != s or t % block_q or s % block_k or not head_dim_supported(d):
+    raise ValueError(f'the Pallas DIFF V1 kernel needs T == S, multiples of the tiles ({block_q}, {block_k}) and '
+                     f'a power-of-two head width >= 16; got T={t}, S={s}, D={d}')
+  interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
+  st = _Static(head_dim=d, n_rep=two_h // two_g, block_q=block_q, block_k=block_k, interpret=interpret)
+  # Free reshapes: the adjacent sub-heads (2h, 2h+1) become the halves [x1 | x2] of one 2D-wide row.
+  q_BxTxHx2D = q_BxTx2HxD.reshape(b, t, two_h // 2, 2 * d)
+  k_BxSxGx2D = k_BxSx2GxD.reshape(b, s, two_g // 2, 2 * d)
+  lam_1 = jnp.asarray(lam, jnp.float32).reshape(1)
+  # Triton's matmuls need both operands in one dtype.
+  return _flash(q_BxTxHx2D, k_BxSxGx2D.astype(q_BxTxHx2D.dtype), v_BxSxGx2D.astype(q_BxTxHx2D.dtype), lam_1, st)
+
