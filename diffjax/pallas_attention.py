@@ -258,14 +258,14 @@ def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, block_q=
   """`diff_v1_attention` (causal, GQA) as fused Pallas kernels; returns (B, T, H, 2D) float32.
 
   Differentiable in q, k, v and λ (a float32 scalar, traced). T must equal S (training, no cache) and be a multiple
-  of the tile sizes (clipped to T); D a power of two >= 16. `interpret` defaults to True off the GPU.
+  of the tile sizes (clipped to T); D and the tiles powers of two >= 16. `interpret` defaults to True off the GPU.
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   s, two_g = k_BxSx2GxD.shape[1:3]
   block_q, block_k = min(block_q, t), min(block_k, s)
-  if t != s or t % block_q or s % block_k or not head_dim_supported(d):
-    raise ValueError(f'the Pallas DIFF V1 kernel needs T == S, multiples of the tiles ({block_q}, {block_k}) and '
-                     f'a power-of-two head width >= 16; got T={t}, S={s}, D={d}')
+  if t != s or t % block_q or s % block_k or not all(map(head_dim_supported, (d, block_q, block_k))):
+    raise ValueError(f'the Pallas DIFF V1 kernel needs T == S, a multiple of its tiles ({block_q}, {block_k}), and '
+                     f'tiles and head width that are powers of two >= 16; got T={t}, S={s}, D={d}')
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
   st = _Static(head_dim=d, n_rep=two_h // two_g, block_q=block_q, block_k=block_k, interpret=interpret)
   # Free reshapes: the adjacent sub-heads (2h, 2h+1) become the halves [x1 | x2] of one 2D-wide row.
