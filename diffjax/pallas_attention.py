@@ -71,13 +71,18 @@ def _visible(rows_Q, start_k, block_k):
   return rows_Q[:, None] >= (start_k + jnp.arange(block_k))[None, :]
 
 
+def _halves(ref, rows, d):
+  """The two D-wide halves [x1 | x2] of a 2D-wide tile, loaded separately: Triton cannot slice a loaded tile."""
+  return ref[rows, :d], ref[rows, d:]
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2_ref, *, st: _Static):
   d, block_k = st.head_dim, st.block_k
   block_q = q_ref.shape[0]
   precision = _precision(q_ref.dtype)
   start_q = pl.program_id(0) * block_q
   rows_Q = start_q + jnp.arange(block_q)
-  q1_QxD, q2_QxD = q_ref[:, :d], q_ref[:, d:]
+  q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
 
   def online_softmax(q_QxD, k_KxD, v_Kx2D, visible_QxK, acc_Qx2D, max_Q, sum_Q):
     logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
@@ -89,10 +94,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2
 
   def body(j, carry):
     tile = pl.ds(j * block_k, block_k)
-    k_Kx2D, v_Kx2D = k_ref[tile, :], v_ref[tile, :]
+    (k1_KxD, k2_KxD), v_Kx2D = _halves(k_ref, tile, d), v_ref[tile, :]
     visible_QxK = _visible(rows_Q, j * block_k, block_k)
-    return (online_softmax(q1_QxD, k_Kx2D[:, :d], v_Kx2D, visible_QxK, *carry[:3])
-            + online_softmax(q2_QxD, k_Kx2D[:, d:], v_Kx2D, visible_QxK, *carry[3:]))
+    return (online_softmax(q1_QxD, k1_KxD, v_Kx2D, visible_QxK, *carry[:3])
+            + online_softmax(q2_QxD, k2_KxD, v_Kx2D, visible_QxK, *carry[3:]))
 
   empty = (jnp.zeros((block_q, 2 * d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
@@ -106,16 +111,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2
   lse2_ref[...] = max2 + jnp.log(sum2)
 
 
-def _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, lse1_Q, lse2_Q, delta1_Q, delta2_Q, lam, visible_QxK, st):
+def _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, lse1_Q, lse2_Q, delta1_Q, delta2_Q, lam,
+                 visible_QxK, st):
   """Both maps' probabilities recomputed from their logsumexps, and the gradients of their logits.
 
   With dP = dO V^T: dS1 = P1 ∘ (dP - Δ1) and dS2 = -λ P2 ∘ (dP - Δ2), Δc = rowsum(dO ∘ Ac V).
   """
-  d, precision = st.head_dim, _precision(q_Qx2D.dtype)
+  precision = _precision(q1_QxD.dtype)
   def probs(q_QxD, k_KxD, lse_Q):
     logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
     return jnp.exp(logits_QxK - lse_Q[:, None])
-  p1_QxK, p2_QxK = probs(q_Qx2D[:, :d], k_Kx2D[:, :d], lse1_Q), probs(q_Qx2D[:, d:], k_Kx2D[:, d:], lse2_Q)
+  p1_QxK, p2_QxK = probs(q1_QxD, k1_KxD, lse1_Q), probs(q2_QxD, k2_KxD, lse2_Q)
   dp_QxK = _dot(do_Qx2D, v_Kx2D, precision, trans_b=True)
   ds1_QxK = p1_QxK * (dp_QxK - delta1_Q[:, None])
   ds2_QxK = -lam * p2_QxK * (dp_QxK - delta2_Q[:, None])
@@ -129,17 +135,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delt
   precision = _precision(q_ref.dtype)
   start_q = pl.program_id(0) * block_q
   rows_Q = start_q + jnp.arange(block_q)
-  q_Qx2D, do_Qx2D, lam = q_ref[...], do_ref[...], lam_ref[0]
+  q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
+  do_Qx2D, lam = do_ref[...], lam_ref[0]
   per_row = (lse1_ref[...], lse2_ref[...], delta1_ref[...], delta2_ref[...])
 
   def body(j, carry):
     dq1_QxD, dq2_QxD = carry
     tile = pl.ds(j * block_k, block_k)
-    k_Kx2D, v_Kx2D = k_ref[tile, :], v_ref[tile, :]
-    _, _, ds1_QxK, ds2_QxK = _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, *per_row, lam,
+    (k1_KxD, k2_KxD), v_Kx2D = _halves(k_ref, tile, d), v_ref[tile, :]
+    _, _, ds1_QxK, ds2_QxK = _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, *per_row, lam,
                                           _visible(rows_Q, j * block_k, block_k), st)
-    return (dq1_QxD + _dot(ds1_QxK.astype(k_Kx2D.dtype), k_Kx2D[:, :d], precision),
-            dq2_QxD + _dot(ds2_QxK.astype(k_Kx2D.dtype), k_Kx2D[:, d:], precision))
+    return (dq1_QxD + _dot(ds1_QxK.astype(k1_KxD.dtype), k1_KxD, precision),
+            dq2_QxD + _dot(ds2_QxK.astype(k2_KxD.dtype), k2_KxD, precision))
 
   zeros = jnp.zeros((block_q, d), jnp.float32)
   dq1_QxD, dq2_QxD = lax.fori_loop(0, lax.div(start_q + block_q + block_k - 1, block_k), body, (zeros, zeros))
@@ -153,18 +160,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, del
   block_k = k_ref.shape[0]
   precision = _precision(q_ref.dtype)
   start_k = pl.program_id(0) * block_k
-  k_Kx2D, v_Kx2D, lam = k_ref[...], v_ref[...], lam_ref[0]
+  k1_KxD, k2_KxD = _halves(k_ref, slice(None), d)
+  v_Kx2D, lam = v_ref[...], lam_ref[0]
 
   def body(i, carry):
     dk1_KxD, dk2_KxD, dv_Kx2D = carry
     tile = pl.ds(i * block_q, block_q)
-    q_Qx2D, do_Qx2D = q_ref[tile, :], do_ref[tile, :]
+    (q1_QxD, q2_QxD), do_Qx2D = _halves(q_ref, tile, d), do_ref[tile, :]
     per_row = (lse1_ref[tile], lse2_ref[tile], delta1_ref[tile], delta2_ref[tile])
     visible_QxK = _visible(i * block_q + jnp.arange(block_q), start_k, block_k)
-    p1_QxK, p2_QxK, ds1_QxK, ds2_QxK = _score_grads(q_Qx2D, k_Kx2D, v_Kx2D, do_Qx2D, *per_row, lam, visible_QxK, st)
-    dtype = q_Qx2D.dtype
-    return (dk1_KxD + _dot(ds1_QxK.astype(dtype), q_Qx2D[:, :d], precision, trans_a=True),
-            dk2_KxD + _dot(ds2_QxK.astype(dtype), q_Qx2D[:, d:], precision, trans_a=True),
+    p1_QxK, p2_QxK, ds1_QxK, ds2_QxK = _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, *per_row, lam,
+                                                    visible_QxK, st)
+    dtype = q1_QxD.dtype
+    return (dk1_KxD + _dot(ds1_QxK.astype(dtype), q1_QxD, precision, trans_a=True),
+            dk2_KxD + _dot(ds2_QxK.astype(dtype), q2_QxD, precision, trans_a=True),
             dv_Kx2D + _dot((p1_QxK - lam * p2_QxK).astype(dtype), do_Qx2D, precision, trans_a=True))
 
   zeros = jnp.zeros((block_k, d), jnp.float32)
