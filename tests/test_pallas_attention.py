@@ -2,7 +2,8 @@
 
 On CPU the kernels run in Pallas interpret mode (the same kernel bodies, executed by XLA), at small shapes with
 tiles smaller than the sequence so that the online softmax, the causal tile bounds and the backward loops all cross
-tile boundaries. The last test compiles the kernels through Triton and runs only on an NVIDIA GPU.
+tile boundaries. The kernels are also lowered to Triton IR for CUDA, which needs no GPU; the last test compiles
+and runs them through Triton and runs only on an NVIDIA GPU.
 """
 
 import functools
@@ -125,6 +126,17 @@ def test_layers_with_pallas(monkeypatch):
   baseline = MultiHeadAttention(tiny_config(d_model=64, variant='baseline', attention_impl='pallas'), layer=0)
   with pytest.raises(ConfigError, match="'pallas' has a kernel for diff_v1 only"):
     baseline.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_triton(dtype):
+  # Lowering for CUDA needs no GPU: it catches operations the Triton lowering lacks (it cannot slice a loaded tile,
+  # for one) before a GPU ever runs the kernels. Compiling the Triton IR is the GPU test's job.
+  q, k, v = _inputs(1, 128, 4, 2, 32, dtype)
+  loss = lambda q, k, v, lam: jnp.sum(_pallas(64, interpret=False)(q, k, v, lam))
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, jnp.float32(LAMBDA)).lower(
+      lowering_platforms=('cuda',))
+  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 3  # forward, dq, dk/dv
 
 
 @pytest.mark.skipif(not ON_GPU, reason='the compiled Triton kernel needs an NVIDIA GPU')
