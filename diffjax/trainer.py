@@ -62,19 +62,17 @@ def say(message: str):
 class Run:
   """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, read_only: bool = False):
-    """`read_only`: only to restore (evaluate, sample); otherwise this process becomes the workdir's one writer."""
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    """Makes this process the workdir's one writer (readers open runs with `inference.open_run` instead)."""
+    self.started = time.perf_counter()
     self.config, self.workdir = config, os.path.abspath(workdir)
-    if not read_only:
-      workdir_lib.claim(self.workdir)
+    workdir_lib.claim(self.workdir)
     self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
-                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                                   read_only=read_only)
+                                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = self.checkpoints.latest_config()
     if latest:  # a workdir of another run is refused before its data is prepared or a tokenizer trained
       self._check_same_run(*latest)
     tc = config.train
-    self.started = time.perf_counter()
     # Process 0 prepares the data once; the others wait for it here, then read the same files.
     barrier = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
     self.pipeline = data_lib.build_input(config.data, seq_len=tc.seq_len,
