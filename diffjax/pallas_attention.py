@@ -4,7 +4,9 @@ It computes `diff_v1_attention`'s function, (A1 - λ A2) V with the causal mask 
 and value tiles: both softmax maps of a differential head run as two online softmaxes against the same 2D-wide
 value tile, loaded once, and λ is applied at the end. The backward (FlashAttention-2 style) recomputes both maps
 from the two saved logsumexps in two Pallas kernels, one for dq (a grid over query tiles) and one for dk and dv (a
-grid over key tiles), so that no kernel needs atomics.
+grid over key tiles), so that no kernel needs atomics. The forward also keeps A2 V (one extra float32 activation):
+with it, the softmax terms Δc = rowsum(dO ∘ Ac V) and dλ = −Σ dO ∘ A2 V are elementwise reductions, not a third
+pass over K/V.
 
 Layout: the sub-heads (q1, q2) = (2h, 2h+1) of a differential head sit next to each other, so reshaping
 (B, T, 2H, D) to (B, T, H, 2D) is free and puts [q1 | q2] in one row; the same for keys. A kernel instance owns one
