@@ -12,6 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from diffjax import attention, cli, inference, model as model_lib
+from diffjax import workdir as workdir_lib
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
 
@@ -110,6 +111,7 @@ def main(argv):
     raise ConfigError(f'--head: {args.head} is out of range; this layer has {heads} heads (0..{heads - 1})')
   labels = [repr(tokenizer.decode([i]))[1:-1] or '·' for i in ids]
   path = os.path.join(args.workdir, f'attention_layer{layer}_head{args.head}.png')
+  workdir_lib.check_no_link_out(args.workdir, path)  # the one file a reader writes
   plot(maps, labels, f'{cfg.variant}, step {step}, layer {layer}, head {args.head}', path, args.head)
   print(path)
 

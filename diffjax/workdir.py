@@ -85,15 +85,19 @@ def claim(workdir: str):
     return
 
 
+def check_no_link_out(workdir: str, path: str, kind: str = 'file'):
+  """Raises ConfigError if `path`, inside `workdir`, is a link that leads out of it."""
+  root, target = os.path.realpath(workdir), os.path.realpath(path)
+  if os.path.islink(path) and os.path.commonpath([root, target]) != root:
+    raise ConfigError(f'--workdir: {path} is a link to {target}, outside the workdir; diffjax never writes or '
+                      f'deletes through such links, so replace it with a {kind} of its own')
+
+
 def check_entries(workdir: str):
   """Raises ConfigError for an entry a run writes that is of the wrong type or a link out of the workdir."""
-  root = os.path.realpath(workdir)
   for name, is_folder in ENTRIES.items():
     path = os.path.join(workdir, name)
-    target = os.path.realpath(path)
-    if os.path.islink(path) and os.path.commonpath([root, target]) != root:
-      raise ConfigError(f'--workdir: {path} is a link to {target}, outside the workdir; diffjax never writes or '
-                        f'deletes through such links, so replace it with a {_kind(is_folder)} of its own')
+    check_no_link_out(workdir, path, _kind(is_folder))
     if os.path.lexists(path) and os.path.isdir(path) != is_folder:
       raise ConfigError(f'--workdir: {path} is a {_kind(not is_folder)}, but a run keeps a {_kind(is_folder)} '
                         'there; move it away or use a fresh --workdir')

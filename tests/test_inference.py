@@ -130,3 +130,14 @@ def test_sample_prints_text_and_speed_and_refuses_more_than_max_len(run):
   assert result.returncode == 1 and lines == [
       "error: generation: a prompt of 4 tokens and 61 new tokens exceed the model's max_len of 64; ask for at most "
       '60 new tokens or shorten the prompt']
+
+
+def test_attention_maps_never_write_through_a_link_out_of_the_workdir(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run[0], workdir)
+  (tmp_path / 'precious').write_text('keep me')
+  os.symlink(tmp_path / 'precious', workdir / 'attention_layer1_head0.png')
+  result, lines = cli('attention_maps', f'--workdir={workdir}', '--prompt=ab', '--layer=1', '--head=0')
+  assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: --workdir: ')
+  assert 'outside the workdir' in lines[0]
+  assert (tmp_path / 'precious').read_text() == 'keep me'
