@@ -1,5 +1,6 @@
 """The paper's 3B model: 28 layers, width 3072, FFN 8192, 12 DIFF heads of d=128, sequence 4096, 4M-token batches,
-lr 3.2e-4, warmup 1000, weight decay 0.1, AdamW betas (0.9, 0.95); 250,000 steps = 1T tokens."""
+lr 3.2e-4, warmup 1000, weight decay 0.1, AdamW betas (0.9, 0.95); 250,000 steps = 1T tokens. The batch runs in 128
+microbatches of 8 sequences, so that a step fits an 8-chip TPU slice; on more devices lower train.microbatches."""
 
 from diffjax.defaults import base_config, recipe_data
 
@@ -8,7 +9,7 @@ def get_config():
   c = base_config()
   recipe_data(c)
   c.model.update(n_layers=28, d_model=3072, n_heads=24, d_ff=8192, max_len=4096, remat=True, scan_layers=True)
-  c.train.update(seq_len=4096, global_batch_size=1024, microbatches=32, steps=250_000, learning_rate=3.2e-4,
+  c.train.update(seq_len=4096, global_batch_size=1024, microbatches=128, steps=250_000, learning_rate=3.2e-4,
                  warmup_steps=1000, weight_decay=0.1, b1=0.9, b2=0.95)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.checkpoint.every_steps = 1000

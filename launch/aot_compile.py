@@ -61,7 +61,15 @@ def compile_for(config, topology: str) -> dict:
   batch = {'inputs': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
            'targets': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
            'mask': jax.ShapeDtypeStruct(shape, 'float32', sharding=batch_sharding)}
-  compiled = train.lower(state, batch).compile()
+  try:
+    compiled = train.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program that cannot fit
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    reason = str(error).split('RESOURCE_EXHAUSTED:')[-1].strip().splitlines()[0]
+    raise ConfigError(f'--topology: the train step does not fit on {topology} ({reason}); raise '
+                      'train.microbatches, shard more (mesh.fsdp, mesh.tensor), turn on model.remat, or take a '
+                      'larger slice') from None
   memory = compiled.memory_analysis()
   parts = {key: int(getattr(memory, f'{key}_size_in_bytes')) for key in ('argument', 'output', 'temp',
                                                                           'generated_code')}
