@@ -16,7 +16,7 @@ import reliability_helpers as rh
 from diffjax import generate, needles, tokenizers, trainer
 from diffjax.errors import ConfigError
 
-NOTEBOOK = ht.REPO / 'docs' / 'colab.ipynb'
+NOTEBOOK = ht.REPO / 'notebooks' / 'quickstart.ipynb'
 TOKENIZER = tokenizers.ByteTokenizer()
 FILLER_IDS = np.asarray(TOKENIZER.encode(ht.english_like_text(2_000, seed=0)))
 
