@@ -1,7 +1,9 @@
 """Whole models <-> Hugging Face `DiffLlamaForCausalLM` (diff_v1) and `LlamaForCausalLM` (baseline).
 
 `to_hf` and `from_hf` work on plain dicts (a config dict and a state_dict of float32 NumPy arrays), so they need
-neither torch nor transformers; `hf_model` and `from_hf_model` wrap them for a live PyTorch model.
+neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory (config.json
+and model.safetensors, through the safetensors package's NumPy API; pytorch_model.bin through torch), and
+`hf_model` and `from_hf_model` wrap the dict functions for a live PyTorch model.
 
 The two frameworks compute the same function with differently ordered channels:
   - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
@@ -13,10 +15,14 @@ The two frameworks compute the same function with differently ordered channels:
     diffjax's 'interleaved' pairing rotates (2i, 2i+1) at the same frequency as Hugging Face's (i, i + d/2);
     reordering each q/k head's channels as (evens, odds) turns one into the other, and q·k is unchanged because
     queries and keys get the same reordering. Values are not rotated and keep their order.
+  - DIFF V1's learnable sub-layer norm scale (width 2d, shared by all heads; DiffLlama's norm has none) multiplies
+    the out_proj input channel i by scale[i mod 2d], so the export folds it into the out_proj kernel's rows.
   - Flax Dense kernels are (in, out), torch Linear weights (out, in); embeddings are (vocab, width) in both.
 """
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -93,7 +99,8 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   """(cfg, the model's unboxed `params` collection) -> (Hugging Face config dict, state_dict of float32 arrays).
 
   The state_dict has the keys of the Hugging Face model's own `state_dict()`, `lm_head.weight` included when the
-  embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it.
+  embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it. A DIFF V1
+  sub-layer norm scale is folded into o_proj (DiffLlama's norm has none): the same function, whatever the scale.
   """
   if cfg.scan_layers:  # Hugging Face keeps one module per layer
     params, cfg = model_lib.unstack_layers(cfg, params), dataclasses.replace(cfg, scan_layers=False)
@@ -109,15 +116,14 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
       kernel_ExC = array(block[ours][ours_name]['kernel'])
       if ours_name in ('q_proj', 'k_proj', 'v_proj'):
         kernel_ExC = _qkv_to_hf(cfg, ours_name, kernel_ExC)
+      if ours_name == 'out_proj' and cfg.variant == 'diff_v1' and cfg.subln_scale:
+        # The sub-layer norm's output channel i (of heads × 2d) is scaled by scale[i mod 2d] just before out_proj.
+        kernel_ExC = kernel_ExC * np.tile(array(block['attn']['subln']['scale']), cfg.n_heads // 2)[:, None]
       state_dict[f'{prefix}{theirs}.{theirs_name}.weight'] = np.ascontiguousarray(kernel_ExC.T)
     for ours, theirs in _NORMS:
       state_dict[f'{prefix}{theirs}.weight'] = array(block[ours]['scale'])
     if cfg.variant == 'diff_v1':
       state_dict.update({f'{prefix}self_attn.{n}': array(block['attn'][n]) for n in LAMBDA_VECTORS})
-      # DiffLlama's per-head norm has no scale, so only a scale of ones (or none) exports to the same function.
-      if cfg.subln_scale and not np.all(array(block['attn']['subln']['scale']) == 1.0):
-        raise ConfigError(f'model.subln_scale: block_{layer} has a sub-layer norm scale other than ones, which '
-                          'DiffLlama cannot hold; export a model trained with subln_scale=False')
   return config, state_dict
 
 
@@ -158,7 +164,8 @@ def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConf
 
   `settings` sets ModelConfig fields the Hugging Face config does not carry (IMPORT_SETTINGS). By default the
   model gets rope_pairing='half' (Hugging Face's own, no reordering) and subln_scale=False (DiffLlama has none);
-  rope_pairing='interleaved' reorders q/k channels instead, and subln_scale=True adds scales of ones.
+  rope_pairing='interleaved' reorders q/k channels instead, and subln_scale=True adds scales of ones (so a model
+  exported with a learned scale comes back as the same function, the scale folded into out_proj).
   """
   cfg = _model_config(config, settings)
   expected = set(hf_keys(cfg))
@@ -209,3 +216,74 @@ def from_hf_model(model, **settings) -> tuple[ModelConfig, dict]:
   """from_hf for a live PyTorch Hugging Face model."""
   state_dict = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
   return from_hf(model.config.to_dict(), state_dict, **settings)
+
+
+_CONFIG, _SAFETENSORS, _TORCH_BIN = 'config.json', 'model.safetensors', 'pytorch_model.bin'
+_SAFETENSORS_INDEX = 'model.safetensors.index.json'
+
+
+def _read_weights(path: str) -> dict:
+  """The state_dict in a Hugging Face directory: model.safetensors (or its shards), else pytorch_model.bin."""
+  files = {name: os.path.join(path, name) for name in (_SAFETENSORS, _SAFETENSORS_INDEX, _TORCH_BIN)}
+  if os.path.isfile(files[_SAFETENSORS]) or os.path.isfile(files[_SAFETENSORS_INDEX]):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError(f'{path}: reading {_SAFETENSORS} needs the safetensors package '
+                        '(pip install "diffjax[hf]")') from None
+    if os.path.isfile(files[_SAFETENSORS]):
+      return load_file(files[_SAFETENSORS])
+    with open(files[_SAFETENSORS_INDEX], encoding='utf-8') as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
+  if os.path.isfile(files[_TORCH_BIN]):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError(f'{path}: reading {_TORCH_BIN} needs torch (pip install "diffjax[hf]")') from None
+    state_dict = torch.load(files[_TORCH_BIN], map_location='cpu', weights_only=True)
+    return {k: v.detach().float().numpy() for k, v in state_dict.items()}
+  raise ConfigError(f'{path}: no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN} in the directory')
+
+
+def load_hf(path, **settings) -> tuple[ModelConfig, dict]:
+  """from_hf for a Hugging Face model directory (what `save_pretrained` writes): config.json and the weights."""
+  path = os.fspath(path)
+  config_file = os.path.join(path, _CONFIG)
+  if not os.path.isdir(path):
+    raise ConfigError(f'{path}: no such directory')
+  if not os.path.isfile(config_file):
+    raise ConfigError(f'{path}: no {_CONFIG} in the directory')
+  with open(config_file, encoding='utf-8') as f:
+    config = json.load(f)
+  return from_hf(config, _read_weights(path), **settings)
+
+
+def save_hf(cfg: ModelConfig, params: Mapping, path) -> str:
+  """Writes `to_hf`'s result as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json
+  (float32) and model.safetensors (through the safetensors package; without it, pytorch_model.bin through torch).
+
+  A tied model's file leaves out lm_head.weight, as transformers' own checkpoints do. Returns `path`.
+  """
+  path = os.fspath(path)
+  config, state_dict = to_hf(cfg, params)
+  if cfg.tie_embeddings:
+    del state_dict['lm_head.weight']
+  try:
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    save_file = None
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError(f'{path}: writing a Hugging Face directory needs safetensors or torch '
+                        '(pip install "diffjax[hf]")') from None
+  os.makedirs(path, exist_ok=True)
+  if save_file is not None:
+    save_file(state_dict, os.path.join(path, _SAFETENSORS), metadata={'format': 'pt'})
+  else:
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, os.path.join(path, _TORCH_BIN))
+  with open(os.path.join(path, _CONFIG), 'w', encoding='utf-8') as f:
+    json.dump({**config, 'torch_dtype': 'float32'}, f, indent=2, sort_keys=True)
+    f.write('\n')
+  return path

@@ -1,9 +1,14 @@
 """Whole models to and from Hugging Face DiffLlama / Llama: names, shapes, exact round trips, identical logits."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
+import diffjax
 from conftest import assert_close, jit, random_params, tiny_config
 from diffjax import hf
 from diffjax.errors import ConfigError
@@ -93,10 +98,17 @@ def test_a_subln_scale_of_ones_exports_and_comes_back():
   _assert_identical(back, params)
 
 
-def test_a_learned_subln_scale_is_refused():
+def test_a_learned_subln_scale_folds_into_o_proj():
   cfg = tiny_config(subln_scale=True)
-  with pytest.raises(ConfigError, match=r'^model\.subln_scale: block_0 has a sub-layer norm scale other than ones'):
-    hf.to_hf(cfg, random_params(Transformer(cfg), TOKENS))
+  params = random_params(Transformer(cfg), TOKENS)  # subln scales U(0.5, 1.5), not ones
+  config, state_dict = hf.to_hf(cfg, params)
+  kernel_ExC, scale = params['block_1']['attn']['out_proj']['kernel'], params['block_1']['attn']['subln']['scale']
+  np.testing.assert_array_equal(state_dict['model.layers.1.self_attn.o_proj.weight'].T,
+                                kernel_ExC * np.tile(scale, cfg.n_heads // 2)[:, None])
+  back_cfg, back = hf.from_hf(config, state_dict, **_settings(cfg))  # scales of ones, out_proj folded
+  assert back_cfg == cfg and np.all(back['block_0']['attn']['subln']['scale'] == 1.0)
+  apply = jit(Transformer(cfg).apply)
+  assert_close(apply({'params': back}, TOKENS), apply({'params': params}, TOKENS))
 
 
 def test_diff_v2_is_refused():
@@ -166,3 +178,77 @@ def test_imported_model_gives_the_same_logits(architecture, pairing):
   cfg, params = hf.from_hf_model(model, rope_pairing=pairing, dtype='float32', attention_impl='xla')
   assert cfg.rope_pairing == pairing and cfg.rope_theta == 100.0
   assert_close(jit(Transformer(cfg).apply)({'params': params}, TOKENS), _hf_logits(model))
+
+
+def test_an_exported_learned_subln_scale_gives_the_same_logits():
+  pytest.importorskip('transformers')
+  cfg = tiny_config(subln_scale=True, n_layers=3, n_heads=8, n_kv_heads=4, norm_eps=1e-6)
+  params = random_params(Transformer(cfg), TOKENS, seed=3)
+  assert not np.all(params['block_0']['attn']['subln']['scale'] == 1.0)
+  expected = jit(Transformer(cfg).apply)({'params': params}, TOKENS)
+  assert_close(_hf_logits(hf.hf_model(cfg, params)), expected)
+
+
+# Directories: config.json and model.safetensors (or pytorch_model.bin), as save_pretrained writes them.
+
+@pytest.mark.parametrize('variant,tied', [('diff_v1', False), ('baseline', True)])
+def test_a_directory_round_trip_is_exact(tmp_path, variant, tied):
+  pytest.importorskip('safetensors')
+  cfg, params = _model(variant=variant, tie_embeddings=tied, rope_pairing='half')
+  assert diffjax.to_hf(Transformer(cfg), params, tmp_path / 'hf') == str(tmp_path / 'hf')
+  assert sorted(p.name for p in (tmp_path / 'hf').iterdir()) == ['config.json', 'model.safetensors']
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config == {**hf.hf_config(cfg), 'torch_dtype': 'float32'}
+  model, back = diffjax.from_hf(tmp_path / 'hf', dtype='float32', attention_impl='xla')
+  assert isinstance(model, Transformer) and model.cfg == cfg
+  _assert_identical(back, params)
+  assert_close(jit(model.apply)({'params': back}, TOKENS), jit(Transformer(cfg).apply)({'params': params}, TOKENS))
+
+
+@pytest.mark.parametrize('variant,tied,subln', [('diff_v1', False, True), ('diff_v1', True, False),
+                                                ('baseline', False, False)])
+def test_from_pretrained_gives_the_same_logits(tmp_path, variant, tied, subln):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  cfg, params = _model(variant=variant, tie_embeddings=tied, subln_scale=subln, n_layers=2, n_heads=8,
+                       n_kv_heads=4, norm_eps=1e-6)
+  diffjax.to_hf(cfg, params, tmp_path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation='eager')
+  assert model.dtype == torch.float32
+  assert type(model).__name__ == hf.hf_config(cfg)['architectures'][0]
+  assert_close(_hf_logits(model), jit(Transformer(cfg).apply)({'params': params}, TOKENS))
+
+
+def test_a_pytorch_model_bin_directory_loads(tmp_path):
+  torch = pytest.importorskip('torch')
+  cfg, params = _model()
+  config, state_dict = hf.to_hf(cfg, params)
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / 'pytorch_model.bin')
+  back_cfg, back = hf.load_hf(tmp_path, **_settings(cfg))
+  assert back_cfg == cfg
+  _assert_identical(back, params)
+
+
+def test_bad_directories_are_one_line_config_errors(tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match=r'^\S*missing: no such directory$'):
+    diffjax.from_hf(tmp_path / 'missing')
+  with pytest.raises(ConfigError, match=r'^\S*: no config\.json in the directory$'):
+    diffjax.from_hf(tmp_path)
+  (tmp_path / 'config.json').write_text(json.dumps(hf.hf_config(_model()[0])))
+  with pytest.raises(ConfigError, match=r'^\S*: no model\.safetensors, model\.safetensors\.index\.json or '
+                                        r'pytorch_model\.bin in the directory$'):
+    diffjax.from_hf(tmp_path)
+  (tmp_path / 'model.safetensors').write_bytes(b'')
+  monkeypatch.setitem(sys.modules, 'safetensors.numpy', None)  # as if safetensors were not installed
+  with pytest.raises(ConfigError, match=r'^\S*: reading model\.safetensors needs the safetensors package'):
+    diffjax.from_hf(tmp_path)
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(ConfigError, match=r'^\S*: writing a Hugging Face directory needs safetensors or torch'):
+    diffjax.to_hf(*_model(), tmp_path / 'out')
+
+
+def test_importing_diffjax_imports_neither_jax_nor_the_converter():
+  code = 'import sys, diffjax; print(sorted(m for m in ("jax", "flax", "diffjax.hf") if m in sys.modules))'
+  assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True).stdout.strip() == '[]'
