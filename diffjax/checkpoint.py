@@ -307,13 +307,18 @@ def load_params(path: str, abstract_params, param_shardings):
   state_dir = check_init_from(path, abstract_params)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
                         param_shardings)
-  params = _restore_params_only(state_dir, target)
+  try:
+    return read_params(state_dir, target)
+  except ChecksumError as error:
+    raise ConfigError(f'checkpoint.init_from: {state_dir} is damaged ({error}); give another step or run') from None
+
+
+def read_params(state_dir: str, target_params):
+  """The `params` subtree of a saved train state, checked against the checksums saved with it (if any)."""
+  params = _restore_params_only(state_dir, target_params)
   checksums_dir = epath.Path(state_dir).parent / 'checksums'
   if checksums_dir.exists():  # steps saved before checksums were recorded have none
-    try:
-      verify({'params': params}, ocp.JsonCheckpointHandler().restore(checksums_dir))
-    except ChecksumError as error:
-      raise ConfigError(f'checkpoint.init_from: {state_dir} is damaged ({error}); give another step or run') from None
+    verify({'params': params}, ocp.JsonCheckpointHandler().restore(checksums_dir))
   return params
 
 

@@ -16,8 +16,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers, train_step
@@ -80,7 +78,7 @@ def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
     try:
       mismatch = checkpoint_lib.shape_mismatch(checkpoint_lib._param_shapes(state_dir), abstract)
       if mismatch is None:
-        params = _read_params(state_dir, target)
+        params = checkpoint_lib.read_params(state_dir, target)
     except Exception as error:  # any failure to read means this step cannot be trusted
       unreadable.append((step, checkpoint_lib._first_line(error)))
       continue
@@ -96,15 +94,6 @@ def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
   bad_step, error = unreadable[0]
   raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
                     'repair or remove them')
-
-
-def _read_params(state_dir: str, target: dict) -> dict:
-  """The `params` subtree of a saved train state, checked against the checksums saved with it (if any)."""
-  params = checkpoint_lib._restore_params_only(state_dir, target)
-  checksums_dir = os.path.join(os.path.dirname(state_dir), 'checksums')
-  if os.path.isdir(checksums_dir):  # steps saved before checksums were recorded have none
-    checkpoint_lib.verify({'params': params}, ocp.JsonCheckpointHandler().restore(epath.Path(checksums_dir)))
-  return params
 
 
 # -- scoring text -----------------------------------------------------------------------------------------------

@@ -166,11 +166,17 @@ class Run:
     pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False
     first_step = step
 
+    def restart_window(at_step):
+      """Throughput and input wait are measured from here, so compilation, evaluation and saves stay out."""
+      nonlocal window_start, window_step
+      window_start, window_step, iterator.wait_seconds = time.perf_counter(), at_step, 0.0
+
     def write_pending():
-      nonlocal pending, window_start, window_step, last
+      nonlocal pending, last
       if pending is not None:
         last = self._log(writer, *pending, window_start, window_step, iterator, flops_per_token, peak)
-        pending, window_start, window_step = None, time.perf_counter(), last['step']
+        pending = None
+        restart_window(last['step'])
 
     try:
       while step < tc.steps:
@@ -182,7 +188,7 @@ class Run:
           jax.block_until_ready(step_metrics)
           writer.write(step, {'first_step_s': time.perf_counter() - window_start,
                               'startup_s': time.perf_counter() - self.started})
-          window_start, window_step, iterator.wait_seconds = time.perf_counter(), step, 0.0
+          restart_window(step)
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
         write_pending()
         if step % log.every_steps == 0 or step == tc.steps:
@@ -200,7 +206,7 @@ class Run:
         if saving:
           self._save(step, state, iterator)
         if evaluating or saving:  # their time is not training time
-          window_start, window_step, iterator.wait_seconds = time.perf_counter(), step, 0.0
+          restart_window(step)
         if preempted:
           self.checkpoints.wait()
           say(f'stopped at step {step} on request; checkpoint saved in {self.checkpoints.directory}/{step}')
@@ -226,7 +232,6 @@ class Run:
     record = {'loss': float(values['loss']), 'learning_rate': float(values['learning_rate']),
               'grad_norm': float(values['grad_norm']), 'tokens_per_s': tokens_per_s,
               'data_wait_ms': 1e3 * iterator.wait_seconds / steps, 'skipped_steps': int(values['nonfinite_steps'])}
-    iterator.wait_seconds = 0.0
     if peak:
       record['mfu'] = tokens_per_s * flops_per_token / (jax.device_count() * peak)
     if 'lambda' in values:

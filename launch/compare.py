@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from diffjax import metrics
+
 
 def run_name(variant: str, seed: int) -> str:
   return f'{variant}_seed{seed}'
@@ -32,17 +34,10 @@ def train_command(config: str, workdir: str, variant: str, seed: int, overrides:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
+  """One record per step, merging its training and validation records (a replayed step keeps its last values)."""
   records = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # a torn last line of a killed run
-        continue
-      records.setdefault(record['step'], {}).update(record)  # a replayed step keeps its last values
+  for record in metrics.read_records(workdir):
+    records.setdefault(record['step'], {}).update(record)
   return [records[step] for step in sorted(records)]
 
 

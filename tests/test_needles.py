@@ -2,7 +2,6 @@
 and the command runs end to end on a trained run; the Colab notebook runs on that run too."""
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 
 import dataclasses
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
