@@ -97,7 +97,7 @@ class Checkpointer:
       steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()] if os.path.isdir(
           self.directory) else []
       last_good = f'step {max(steps)} in {self.directory}' if steps else 'none'
-      raise SaveError(f'checkpoint: saving to {self.directory} failed ({_first_line(error)}); last good checkpoint: '
+      raise SaveError(f'checkpoint: saving to {self.directory} failed ({first_line(error)}); last good checkpoint: '
                       f'{last_good}. Fix the cause (disk space, permissions) and run the same command to resume '
                       'from it') from error
 
@@ -134,14 +134,14 @@ class Checkpointer:
       try:
         config = self._read_config(step)
       except Exception as error:  # any failure to read means this step cannot be trusted
-        unreadable.append((step, _first_line(error)))
+        unreadable.append((step, first_line(error)))
         continue
       check_config(step, config)
       state_dir = os.path.join(self.directory, str(step), 'state')
       try:
-        saved_shapes = _param_shapes(state_dir)
+        saved_shapes = param_shapes(state_dir)
       except Exception as error:
-        unreadable.append((step, _first_line(error)))
+        unreadable.append((step, first_line(error)))
         continue
       mismatch = shape_mismatch(saved_shapes, abstract_state['params'])
       if mismatch:  # not damage: this model cannot hold that state, so nothing is moved aside
@@ -150,9 +150,9 @@ class Checkpointer:
       try:
         restored = self._restore(step, abstract_state)
       except Exception as error:
-        unreadable.append((step, _first_line(error)))
+        unreadable.append((step, first_line(error)))
         continue
-      _drop_failed_reads()
+      drop_failed_reads()
       for bad_step, error in unreadable:
         if self.read_only:
           logging.warning('checkpoint step %d in %s is unreadable (%s); using step %d instead', bad_step,
@@ -162,7 +162,7 @@ class Checkpointer:
           logging.warning('checkpoint step %d in %s is unreadable (%s); resuming from step %d instead (step %d '
                           'moved to %s)', bad_step, self.directory, error, step, bad_step, moved_to)
       return step, restored['state'], restored['data']
-    _drop_failed_reads()
+    drop_failed_reads()
     if steps:
       bad_step, error = unreadable[0]
       raise ConfigError(f'checkpoint: none of steps {steps} in {self.directory} can be read (step {bad_step}: '
@@ -227,7 +227,19 @@ def verify(tree, saved: dict[str, int]):
       raise ChecksumError(f'{key} does not match the checksum saved with it')
 
 
-def _drop_failed_reads():
+def completed_steps(directory: str) -> list[int]:
+  """The steps in a checkpoints folder that a writer has finished, read from the folder alone.
+
+  Orbax renames a step into place only once it is complete, so digit names are exactly the finished steps. Readers
+  use this rather than a CheckpointManager, which stats every step it lists and fails when the writer retires one
+  in between.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def drop_failed_reads():
   """A restore that fails part-way leaves Orbax's pending reads behind, and each prints a traceback when it is
   collected ('Exception ignored in ...', 'Event loop is closed'), thousands of lines: they are collected here,
   silently, once their failure has been reported."""
@@ -238,7 +250,7 @@ def _drop_failed_reads():
     sys.unraisablehook = hook
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
   lines = str(error).strip().splitlines()
   return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
 
@@ -254,7 +266,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old[k] != new[k]]
 
 
-def _param_shapes(state_dir: str) -> dict[str, tuple]:
+def param_shapes(state_dir: str) -> dict[str, tuple]:
   """Parameter path -> shape in a saved train state, from its metadata; raises if that cannot be read."""
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   if 'params' not in tree:
@@ -291,9 +303,9 @@ def check_init_from(path: str, abstract_params) -> str:
   """The state folder `path` names, after checking (from metadata only) that its parameters fit the model."""
   state_dir = params_checkpoint(path)
   try:
-    saved_shapes = _param_shapes(state_dir)
+    saved_shapes = param_shapes(state_dir)
   except Exception as error:  # a missing or damaged metadata file
-    raise ConfigError(f'checkpoint.init_from: cannot read the parameters of {state_dir} ({_first_line(error)}); '
+    raise ConfigError(f'checkpoint.init_from: cannot read the parameters of {state_dir} ({first_line(error)}); '
                       'give a complete diffjax checkpoint') from None
   mismatch = shape_mismatch(saved_shapes, abstract_params)
   if mismatch:

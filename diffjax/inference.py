@@ -63,9 +63,8 @@ def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokeniz
 
 def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
   """(step, unboxed parameters on one device) of the newest step in a checkpoints folder whose parameters read
-  back intact."""
-  steps = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False, read_only=True).steps() if os.path.isdir(
-      directory) else []
+  back intact. A step that the run training there retires while it is read is passed over silently."""
+  steps = checkpoint_lib.completed_steps(directory)
   if not steps:
     raise ConfigError(f'--workdir: {os.path.dirname(directory)} has no checkpoint yet; train first or give another '
                       'workdir')
@@ -76,21 +75,24 @@ def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
   for step in reversed(steps):
     state_dir = os.path.join(directory, str(step), 'state')
     try:
-      mismatch = checkpoint_lib.shape_mismatch(checkpoint_lib._param_shapes(state_dir), abstract)
+      mismatch = checkpoint_lib.shape_mismatch(checkpoint_lib.param_shapes(state_dir), abstract)
       if mismatch is None:
         params = checkpoint_lib.read_params(state_dir, target)
     except Exception as error:  # any failure to read means this step cannot be trusted
-      unreadable.append((step, checkpoint_lib._first_line(error)))
+      if os.path.isdir(os.path.join(directory, str(step))):
+        unreadable.append((step, checkpoint_lib.first_line(error)))
       continue
     if mismatch:
       raise ConfigError(f'checkpoint: step {step} in {directory} holds parameters of another shape ({mismatch}) '
                         'than its run\'s config.json describes; the workdir mixes two runs')
-    checkpoint_lib._drop_failed_reads()
+    checkpoint_lib.drop_failed_reads()
     for bad_step, error in unreadable:
       logging.warning('checkpoint step %d in %s is unreadable (%s); using step %d instead', bad_step, directory,
                       error, step)
     return step, params
-  checkpoint_lib._drop_failed_reads()
+  checkpoint_lib.drop_failed_reads()
+  if not unreadable:  # every step listed was retired while it was read: the run has newer ones now
+    return restore_params(directory, cfg)
   bad_step, error = unreadable[0]
   raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
                     'repair or remove them')
