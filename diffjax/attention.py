@@ -84,21 +84,39 @@ def resolve_impl(requested: str, dtype, head_dim: int) -> str:
   return 'xla'
 
 
-def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None):
+def same_document(segment_ids_BxT, segment_ids_BxS=None):
+  """(B, T, S) bool: query t and key s lie in the same document of a packed row."""
+  segment_ids_BxS = segment_ids_BxT if segment_ids_BxS is None else segment_ids_BxS
+  return segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
+
+
+def _training_mask(visible_BxTxS, segment_ids_BxT, t: int, s: int):
+  """The explicit mask of the einsum path: the cache's, else causal (None) or causal within documents."""
+  if visible_BxTxS is not None or segment_ids_BxT is None:
+    return visible_BxTxS
+  causal_TxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+  return causal_TxS[None] & same_document(segment_ids_BxT)
+
+
+def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None, segment_ids_BxT=None):
   """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32.
 
-  `visible_BxTxS` replaces the causal mask (the cache path; `xla` only).
+  `segment_ids_BxT` (training, T == S) keeps each token inside its document; `visible_BxTxS` replaces the causal
+  mask (the cache path; `xla` only).
   """
   scale = q_BxTxNxD.shape[-1] ** -0.5
   if impl == 'pallas':
     raise ConfigError("model.attention_impl: 'pallas' has a kernel for diff_v1 only; use 'auto', 'xla' or 'cudnn'")
   if impl == 'cudnn':
-    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=True,
+    # cuDNN applies the document mask as a bias next to its own causal mask.
+    mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=scale, is_causal=True,
                                         implementation='cudnn').astype(jnp.float32)
   b, t, n, d = q_BxTxNxD.shape
   kv = k_BxSxKxD.shape[2]
   q_BxTxKxRxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
   logits = jnp.einsum('btkrd,bskd->bkrts', q_BxTxKxRxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+  visible_BxTxS = _training_mask(visible_BxTxS, segment_ids_BxT, t, k_BxSxKxD.shape[1])
   visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None]
   probs_BxKxRxTxS = _causal_softmax(logits * scale, visible)
   out = jnp.einsum('bkrts,bskd->btkrd', probs_BxKxRxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD,
@@ -106,32 +124,35 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   return out.reshape(b, t, n, d)
 
 
-def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None):
+def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
+                      segment_ids_BxT=None):
   """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
 
   Query sub-heads 2h and 2h+1 are (q1, q2) of differential head h, and the same for keys; q1 meets k1 and q2
-  meets k2 of the same kv group h // R (the reference's flash semantics). `visible_BxTxS` replaces the causal mask
-  (the cache path; `xla` only).
+  meets k2 of the same kv group h // R (the reference's flash semantics). `segment_ids_BxT` (training, T == S)
+  keeps each token inside its document; `visible_BxTxS` replaces the causal mask (the cache path; `xla` only).
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   scale = d ** -0.5
   if impl == 'pallas':
-    return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam)
+    return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
+                                                    segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1
     # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
     q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
     k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)
     halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
-    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), impl)
-                    for half in halves)
+    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), impl,
+                                      segment_ids_BxT=segment_ids_BxT) for half in halves)
     a1v = jnp.concatenate([out_a[:, :, :heads], out_b[:, :, :heads]], axis=-1)
     a2v = jnp.concatenate([out_a[:, :, heads:], out_b[:, :, heads:]], axis=-1)
     return a1v - lam * a2v
   q_BxTxGxRx2xD = q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d)
   k_BxSxGx2xD = k_BxSx2GxD.reshape(b, -1, groups, 2, d)
   logits = jnp.einsum('btgrcd,bsgcd->bgrcts', q_BxTxGxRx2xD, k_BxSxGx2xD, preferred_element_type=jnp.float32)
+  visible_BxTxS = _training_mask(visible_BxTxS, segment_ids_BxT, t, k_BxSxGx2xD.shape[1])
   visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None, None]
   probs_BxGxRx2xTxS = _causal_softmax(logits * scale, visible)
   out_BxTxGxRx2x2D = jnp.einsum('bgrcts,bsge->btgrce', probs_BxGxRx2xTxS.astype(v_BxSxGx2D.dtype), v_BxSxGx2D,
@@ -225,7 +246,7 @@ class DiffAttentionV1(nn.Module):
                                   self.layer)
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads // 2
@@ -233,7 +254,8 @@ class DiffAttentionV1(nn.Module):
     q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
     k_BxSx2GxD, v_BxSxGx2D, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTx2GxD, v_BxTxGx2D, positions_BxT,
                                                                       cache)
-    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS)
+    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS,
+                                     segment_ids_BxT)
     out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
     out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer))
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
@@ -247,7 +269,7 @@ class DiffAttentionV2(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads
@@ -255,7 +277,7 @@ class DiffAttentionV2(nn.Module):
     q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, 2 * heads, d)
     k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
     # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
-    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS)
+    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT)
     lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
     out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
@@ -268,14 +290,14 @@ class MultiHeadAttention(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT=None, cache=None):
+  def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
     d = cfg.head_dim
     positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, d)
     k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
-    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS)
+    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT)
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
     return out_BxTxE if cache is None else (out_BxTxE, cache)
 

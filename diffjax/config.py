@@ -46,6 +46,10 @@ class ModelConfig:
   scale_residual_init: bool = True
   # DIFF V1's per-head RMSNorm has a learnable scale (the official code) if True, none (Hugging Face) if False.
   subln_scale: bool = True
+  # Attention stays inside each document of a packed row: the train and eval steps pass the batch's segment ids
+  # (a new segment at each EOS) and a token attends only to earlier tokens of its own document. False: plain
+  # causal attention over the whole row, documents separated by EOS alone.
+  document_mask: bool = False
 
   @property
   def kv_heads(self) -> int:

@@ -13,6 +13,7 @@ ahead of the step. A batch is a dict of arrays:
   inputs  int32   (batch_size, seq_len)  tokens 0..seq_len-1 of each row
   targets int32   (batch_size, seq_len)  tokens 1..seq_len, the next token after each input
   mask    float32 (batch_size, seq_len)  1 where the target is a real token, 0 on padding
+  segment_ids int32 (batch_size, seq_len)  the document each input belongs to (model.document_mask uses them)
 """
 
 import fcntl
@@ -364,8 +365,9 @@ class InputPipeline:
   def _to_batch(self, rows) -> Batch:
     tokens = np.stack(rows)
     targets = np.ascontiguousarray(tokens[:, 1:])
-    return {'inputs': np.ascontiguousarray(tokens[:, :-1]), 'targets': targets,
-            'mask': (targets != self.tokenizer.pad_id).astype(np.float32)}
+    inputs = np.ascontiguousarray(tokens[:, :-1])
+    return {'inputs': inputs, 'targets': targets, 'mask': (targets != self.tokenizer.pad_id).astype(np.float32),
+            'segment_ids': segment_ids(inputs, self.tokenizer.eos_id)}
 
 
 class TrainIterator:
@@ -439,6 +441,12 @@ class TrainIterator:
       self._stop.set()
       self._thread.join(timeout=5)
       self._thread = None
+
+
+def segment_ids(inputs_BxT: np.ndarray, eos_id: int) -> np.ndarray:
+  """Document index of each input token within its row: a new document starts at each EOS, which opens it (the
+  EOS input predicts the document's first token, so it must not see the document before)."""
+  return np.cumsum(inputs_BxT == eos_id, axis=1, dtype=np.int32)
 
 
 def _shuffle_seed(seed: int) -> int:

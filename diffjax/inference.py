@@ -131,7 +131,8 @@ def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int
   for start in range(0, len(rows), batch_size):
     block = np.stack(rows[start:start + batch_size]).astype(np.int32)
     targets = block[:, 1:]
-    yield {'inputs': block[:, :-1], 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32)}
+    yield {'inputs': block[:, :-1], 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32),
+           'segment_ids': data_lib.segment_ids(block[:, :-1], tokenizer.eos_id)}
 
 
 def summary(totals: dict) -> dict:

@@ -28,14 +28,14 @@ class Block(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT, cache=None):
+  def __call__(self, x_BxTxE, positions_BxT, cache=None, segment_ids_BxT=None):
     """The new residual stream; with a layer cache, (the new residual stream, the updated layer cache)."""
     cfg = self.cfg
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
     attention = ATTENTION_BY_VARIANT[cfg.variant](cfg, self.layer, name='attn')
     normed_BxTxE = RMSNorm(cfg.norm_eps, name='attn_norm')(x_BxTxE)
     if cache is None:
-      x_BxTxE = x_BxTxE + attention(normed_BxTxE, positions_BxT)
+      x_BxTxE = x_BxTxE + attention(normed_BxTxE, positions_BxT, segment_ids_BxT=segment_ids_BxT)
     else:
       attended_BxTxE, cache = attention(normed_BxTxE, positions_BxT, cache)
       x_BxTxE = x_BxTxE + attended_BxTxE
@@ -50,25 +50,28 @@ class _LayerStack(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxE, layer, positions_BxT):
+  def __call__(self, x_BxTxE, layer, positions_BxT, segment_ids_BxT):
     block = nn.remat(Block) if self.cfg.remat else Block
-    return block(self.cfg, layer, name='block')(x_BxTxE, positions_BxT), None
+    return block(self.cfg, layer, name='block')(x_BxTxE, positions_BxT, None, segment_ids_BxT), None
 
 
 class Transformer(nn.Module):
   """tokens (B, T) int -> logits (B, T, vocab) float32.
 
-  With `cache` (from `init_cache`; `positions_BxT` then required, the tokens' absolute positions), it returns
-  (logits, updated cache): the tokens' keys and values are stored at their positions' slots and each token attends
-  to the cached slots up to its own position.
+  With `segment_ids_BxT` (int, one id per document of a packed row; see `document_mask` in ModelConfig), a token
+  attends only to earlier tokens of its own document. With `cache` (from `init_cache`; `positions_BxT` then
+  required, the tokens' absolute positions), it returns (logits, updated cache): the tokens' keys and values are
+  stored at their positions' slots and each token attends to the cached slots up to its own position.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, cache=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
     if cache is not None and positions_BxT is None:
       raise ValueError('Transformer with a KV cache needs positions_BxT, the tokens\' absolute positions')
+    if cache is not None and segment_ids_BxT is not None:
+      raise ValueError('Transformer with a KV cache takes no segment ids: generation continues one document')
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
@@ -80,12 +83,12 @@ class Transformer(nn.Module):
       if cache is not None:
         raise ValueError('the KV cache path runs unscanned layers; convert the parameters with unstack_layers')
       layers = nn.scan(_LayerStack, variable_axes={'params': 0}, split_rngs={'params': True},
-                       in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                       in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxTxE, _ = layers(cfg, name='layers')(x_BxTxE, jnp.arange(cfg.n_layers), positions_BxT)
+      x_BxTxE, _ = layers(cfg, name='layers')(x_BxTxE, jnp.arange(cfg.n_layers), positions_BxT, segment_ids_BxT)
     for layer in range(0 if cfg.scan_layers else cfg.n_layers):
       if cache is None:
-        x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT)
+        x_BxTxE = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT, None, segment_ids_BxT)
       else:
         x_BxTxE, layer_cache = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT, cache[layer])
         new_cache.append(layer_cache)

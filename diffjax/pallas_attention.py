@@ -1,6 +1,7 @@
 """A fused differential flash-attention kernel for DIFF V1 in Pallas (the Triton lowering on NVIDIA GPUs).
 
-It computes `diff_v1_attention`'s function, (A1 - λ A2) V with the causal mask and GQA, in one pass over the key
+It computes `diff_v1_attention`'s function, (A1 - λ A2) V with the causal mask, GQA and optionally segment ids
+(attention inside each document of a packed row), in one pass over the key
 and value tiles: both softmax maps of a differential head run as two online softmaxes against the same 2D-wide
 value tile, loaded once, and λ is applied at the end. The backward (FlashAttention-2 style) recomputes both maps
 from the two saved logsumexps in two Pallas kernels, one for dq (a grid over query tiles) and one for dk and dv (a
@@ -49,6 +50,7 @@ class _Static:
   block_q: int
   block_k: int
   interpret: bool
+  segments: bool  # segment ids come after λ among the inputs, and restrict attention to one document
 
   @property
   def scale(self):
@@ -69,8 +71,18 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _visible(rows_Q, start_k, block_k):
-  return rows_Q[:, None] >= (start_k + jnp.arange(block_k))[None, :]
+def _visible(rows_Q, start_k, block_k, segments_Q=None, segments_K=None):
+  causal_QxK = rows_Q[:, None] >= (start_k + jnp.arange(block_k))[None, :]
+  return causal_QxK if segments_Q is None else causal_QxK & (segments_Q[:, None] == segments_K[None, :])
+
+
+def _split_refs(refs, st: _Static):
+  """(query-side segment ids ref, key-side segment ids ref, the other refs); the first two None without ids.
+
+  Masked tiles are still visited: a row fully masked within a tile gets weight exp(_MASKED - m) = 0 as soon as it
+  meets a visible key, and every row sees at least itself.
+  """
+  return (refs[0], refs[1], refs[2:]) if st.segments else (None, None, refs)
 
 
 def _halves(ref, rows, d):
@@ -78,13 +90,15 @@ def _halves(ref, rows, d):
   return ref[rows, :d], ref[rows, d:]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2_ref, *, st: _Static):
+def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, *refs, st: _Static):
+  segq_ref, segk_ref, (o_ref, a2v_ref, lse1_ref, lse2_ref) = _split_refs(refs, st)
   d, block_k = st.head_dim, st.block_k
   block_q = q_ref.shape[0]
   precision = _precision(q_ref.dtype)
   start_q = pl.program_id(0) * block_q
   rows_Q = start_q + jnp.arange(block_q)
   q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
+  segments_Q = None if segq_ref is None else segq_ref[...]
 
   def online_softmax(q_QxD, k_KxD, v_Kx2D, visible_QxK, acc_Qx2D, max_Q, sum_Q):
     logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
@@ -97,7 +111,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, o_ref, a2v_ref, lse1_ref, lse2
   def body(j, carry):
     tile = pl.ds(j * block_k, block_k)
     (k1_KxD, k2_KxD), v_Kx2D = _halves(k_ref, tile, d), v_ref[tile, :]
-    visible_QxK = _visible(rows_Q, j * block_k, block_k)
+    visible_QxK = _visible(rows_Q, j * block_k, block_k, segments_Q, None if segk_ref is None else segk_ref[tile])
     return (online_softmax(q1_QxD, k1_KxD, v_Kx2D, visible_QxK, *carry[:3])
             + online_softmax(q2_QxD, k2_KxD, v_Kx2D, visible_QxK, *carry[3:]))
 
@@ -130,8 +144,9 @@ def _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, lse1_Q, lse2_Q
   return p1_QxK, p2_QxK, ds1_QxK, ds2_QxK
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, dq_ref, *,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, *refs,
                st: _Static):
+  segq_ref, segk_ref, (dq_ref,) = _split_refs(refs, st)
   d, block_k = st.head_dim, st.block_k
   block_q = q_ref.shape[0]
   precision = _precision(q_ref.dtype)
@@ -140,13 +155,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delt
   q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
   do_Qx2D, lam = do_ref[...], lam_ref[0]
   per_row = (lse1_ref[...], lse2_ref[...], delta1_ref[...], delta2_ref[...])
+  segments_Q = None if segq_ref is None else segq_ref[...]
 
   def body(j, carry):
     dq1_QxD, dq2_QxD = carry
     tile = pl.ds(j * block_k, block_k)
     (k1_KxD, k2_KxD), v_Kx2D = _halves(k_ref, tile, d), v_ref[tile, :]
+    visible_QxK = _visible(rows_Q, j * block_k, block_k, segments_Q, None if segk_ref is None else segk_ref[tile])
     _, _, ds1_QxK, ds2_QxK = _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, *per_row, lam,
-                                          _visible(rows_Q, j * block_k, block_k), st)
+                                          visible_QxK, st)
     return (dq1_QxD + _dot(ds1_QxK.astype(k1_KxD.dtype), k1_KxD, precision),
             dq2_QxD + _dot(ds2_QxK.astype(k2_KxD.dtype), k2_KxD, precision))
 
@@ -156,21 +173,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delt
   dq_ref[:, d:] = (dq2_QxD * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, dk_ref, dv_ref,
-                *, st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, *refs,
+                st: _Static):
+  segq_ref, segk_ref, (dk_ref, dv_ref) = _split_refs(refs, st)
   d, block_q = st.head_dim, st.block_q
   block_k = k_ref.shape[0]
   precision = _precision(q_ref.dtype)
   start_k = pl.program_id(0) * block_k
   k1_KxD, k2_KxD = _halves(k_ref, slice(None), d)
   v_Kx2D, lam = v_ref[...], lam_ref[0]
+  segments_K = None if segk_ref is None else segk_ref[...]
 
   def body(i, carry):
     dk1_KxD, dk2_KxD, dv_Kx2D = carry
     tile = pl.ds(i * block_q, block_q)
     (q1_QxD, q2_QxD), do_Qx2D = _halves(q_ref, tile, d), do_ref[tile, :]
     per_row = (lse1_ref[tile], lse2_ref[tile], delta1_ref[tile], delta2_ref[tile])
-    visible_QxK = _visible(i * block_q + jnp.arange(block_q), start_k, block_k)
+    visible_QxK = _visible(i * block_q + jnp.arange(block_q), start_k, block_k,
+                           None if segq_ref is None else segq_ref[tile], segments_K)
     p1_QxK, p2_QxK, ds1_QxK, ds2_QxK = _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, *per_row, lam,
                                                     visible_QxK, st)
     dtype = q1_QxD.dtype
@@ -199,35 +219,49 @@ def _specs(st: _Static, t: int, s: int, d2: int):
       row_tile=pl.BlockSpec((None, None, st.block_q), lambda i, b, h: (b, h, i)),
       row_all=pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0)),
       scalar=pl.BlockSpec((1,), lambda i, b, h: (0,)),
+      segments_q_tile=pl.BlockSpec((None, st.block_q), lambda i, b, h: (b, i)),
+      segments_q_all=pl.BlockSpec((None, t), lambda i, b, h: (b, 0)),
+      segments_kv_tile=pl.BlockSpec((None, st.block_k), lambda i, b, h: (b, i)),
+      segments_kv_all=pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
   )
 
 
-def _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
+def _segment_inputs(st: _Static, spec: dict, segments_BxT, query_side: str, key_side: str):
+  """(extra in_specs, extra operands) that give the kernels the segment ids, when there are any."""
+  if not st.segments:
+    return [], []
+  return [spec[f'segments_q_{query_side}'], spec[f'segments_kv_{key_side}']], [segments_BxT, segments_BxT]
+
+
+def _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, st: _Static):
   b, t, h, d2 = q_BxTxHx2D.shape
   spec = _specs(st, t, k_BxSxGx2D.shape[1], d2)
+  segment_specs, segment_operands = _segment_inputs(st, spec, segments_BxT, 'tile', 'all')
   rows = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
   out = jax.ShapeDtypeStruct((b, t, h, d2), jnp.float32)
   return pl.pallas_call(
       functools.partial(_forward_kernel, st=st), grid=(t // st.block_q, b, h),
-      in_specs=[spec['q_tile'], spec['kv_all'], spec['kv_all'], spec['scalar']],
+      in_specs=[spec['q_tile'], spec['kv_all'], spec['kv_all'], spec['scalar']] + segment_specs,
       out_specs=[spec['q_tile'], spec['q_tile'], spec['row_tile'], spec['row_tile']],
       out_shape=[out, out, rows, rows], name='diff_v1_flash_forward', **st.params(d2),
-  )(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1)
+  )(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, *segment_operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
-  return _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, st: _Static):
+  return _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, st)[0]
 
 
-def _flash_fwd(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st: _Static):
-  out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT, lse2_BxHxT = _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, st)
-  return out_BxTxHx2D, (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT,
-                        lse2_BxHxT)
+def _flash_fwd(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, st: _Static):
+  out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT, lse2_BxHxT = _forward(q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1,
+                                                                segments_BxT, st)
+  return out_BxTxHx2D, (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, out_BxTxHx2D, a2v_BxTxHx2D,
+                        lse1_BxHxT, lse2_BxHxT)
 
 
 def _flash_bwd(st: _Static, residuals, dout_BxTxHx2D):
-  q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT, lse2_BxHxT = residuals
+  (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, lam_1, segments_BxT, out_BxTxHx2D, a2v_BxTxHx2D, lse1_BxHxT,
+   lse2_BxHxT) = residuals
   b, t, h, d2 = q_BxTxHx2D.shape
   s, g = k_BxSxGx2D.shape[1:3]
   # The forward keeps A2 V (one extra float32 output) so that Δ1, Δ2 and dλ are elementwise reductions here
@@ -242,31 +276,34 @@ def _flash_bwd(st: _Static, residuals, dout_BxTxHx2D):
   dout_BxTxHx2D = dout_BxTxHx2D.astype(q_BxTxHx2D.dtype)
   operands = (q_BxTxHx2D, k_BxSxGx2D, v_BxSxGx2D, dout_BxTxHx2D, lse1_BxHxT, lse2_BxHxT, *per_row, lam_1)
   spec = _specs(st, t, s, d2)
+  segment_specs, segment_operands = _segment_inputs(st, spec, segments_BxT, 'tile', 'all')
   dq_BxTxHx2D = pl.pallas_call(
       functools.partial(_dq_kernel, st=st), grid=(t // st.block_q, b, h),
       in_specs=[spec['q_tile'], spec['kv_all'], spec['kv_all'], spec['q_tile']] + [spec['row_tile']] * 4
-      + [spec['scalar']],
+      + [spec['scalar']] + segment_specs,
       out_specs=spec['q_tile'], out_shape=jax.ShapeDtypeStruct(q_BxTxHx2D.shape, q_BxTxHx2D.dtype),
       name='diff_v1_flash_dq', **st.params(d2),
-  )(*operands)
+  )(*operands, *segment_operands)
   # One dk, dv per differential head, summed over the R heads of each kv group below: no atomics across heads.
   per_head = jax.ShapeDtypeStruct((b, s, h, d2), jnp.float32)
+  segment_specs, segment_operands = _segment_inputs(st, spec, segments_BxT, 'all', 'tile')
   dk_BxSxHx2D, dv_BxSxHx2D = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st), grid=(s // st.block_k, b, h),
       in_specs=[spec['q_all'], spec['kv_tile'], spec['kv_tile'], spec['q_all']] + [spec['row_all']] * 4
-      + [spec['scalar']],
+      + [spec['scalar']] + segment_specs,
       out_specs=[spec['kv_tile_per_head']] * 2, out_shape=[per_head, per_head],
       name='diff_v1_flash_dkv', **st.params(d2),
-  )(*operands)
+  )(*operands, *segment_operands)
   dk_BxSxGx2D, dv_BxSxGx2D = (x.reshape(b, s, g, st.n_rep, d2).sum(axis=3) for x in (dk_BxSxHx2D, dv_BxSxHx2D))
-  return dq_BxTxHx2D, dk_BxSxGx2D.astype(k_BxSxGx2D.dtype), dv_BxSxGx2D.astype(v_BxSxGx2D.dtype), dlam_1
+  return dq_BxTxHx2D, dk_BxSxGx2D.astype(k_BxSxGx2D.dtype), dv_BxSxGx2D.astype(v_BxSxGx2D.dtype), dlam_1, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, block_q=64, block_k=64, interpret=None):
-  """`diff_v1_attention` (causal, GQA) as fused Pallas kernels; returns (B, T, H, 2D) float32.
+def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, segment_ids_BxT=None, block_q=64,
+                            block_k=64, interpret=None):
+  """`diff_v1_attention` (causal, GQA, optional segment ids) as fused Pallas kernels; returns (B, T, H, 2D) float32.
 
   Differentiable in q, k, v and λ (a float32 scalar, traced). T must equal S (training, no cache) and be a multiple
   of the tile sizes (clipped to T); D and the tiles powers of two >= 16. `interpret` defaults to True off the GPU.
@@ -278,11 +315,14 @@ def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, block_q=
     raise ValueError(f'the Pallas DIFF V1 kernel needs T == S, a multiple of its tiles ({block_q}, {block_k}), and '
                      f'tiles and head width that are powers of two >= 16; got T={t}, S={s}, D={d}')
   interpret = jax.default_backend() != 'gpu' if interpret is None else interpret
-  st = _Static(head_dim=d, n_rep=two_h // two_g, block_q=block_q, block_k=block_k, interpret=interpret)
+  st = _Static(head_dim=d, n_rep=two_h // two_g, block_q=block_q, block_k=block_k, interpret=interpret,
+               segments=segment_ids_BxT is not None)
   # Free reshapes: the adjacent sub-heads (2h, 2h+1) become the halves [x1 | x2] of one 2D-wide row.
   q_BxTxHx2D = q_BxTx2HxD.reshape(b, t, two_h // 2, 2 * d)
   k_BxSxGx2D = k_BxSx2GxD.reshape(b, s, two_g // 2, 2 * d)
   lam_1 = jnp.asarray(lam, jnp.float32).reshape(1)
   # Triton's matmuls need both operands in one dtype.
-  return _flash(q_BxTxHx2D, k_BxSxGx2D.astype(q_BxTxHx2D.dtype), v_BxSxGx2D.astype(q_BxTxHx2D.dtype), lam_1, st)
+  segments_BxT = None if segment_ids_BxT is None else jnp.asarray(segment_ids_BxT, jnp.int32)
+  return _flash(q_BxTxHx2D, k_BxSxGx2D.astype(q_BxTxHx2D.dtype), v_BxSxGx2D.astype(q_BxTxHx2D.dtype), lam_1,
+                segments_BxT, st)
 

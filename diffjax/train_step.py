@@ -57,9 +57,20 @@ def abstract_state(cfg: ModelConfig, tx, mesh) -> State:
                       state_shardings(cfg, tx, mesh))
 
 
+def document_segments(cfg: ModelConfig, batch):
+  """The batch's segment ids when the model keeps attention inside documents, else None."""
+  if not cfg.document_mask:
+    return None
+  if 'segment_ids' not in batch:
+    raise ValueError('model.document_mask needs batches with segment_ids (diffjax.data and inference.text_batches '
+                     'give them)')
+  return batch['segment_ids']
+
+
 def token_losses(cfg: ModelConfig, params, batch, z_loss: float):
   """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing."""
-  logits_BxTxV = model_lib.Transformer(cfg).apply({'params': params}, batch['inputs'])
+  logits_BxTxV = model_lib.Transformer(cfg).apply({'params': params}, batch['inputs'],
+                                                  segment_ids_BxT=document_segments(cfg, batch))
   mask_BxT = batch['mask'].astype(jnp.float32)
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
   z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))

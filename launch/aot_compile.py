@@ -60,7 +60,8 @@ def compile_for(config, topology: str) -> dict:
   shape = (tc.global_batch_size, tc.seq_len)
   batch = {'inputs': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
            'targets': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
-           'mask': jax.ShapeDtypeStruct(shape, 'float32', sharding=batch_sharding)}
+           'mask': jax.ShapeDtypeStruct(shape, 'float32', sharding=batch_sharding),
+           'segment_ids': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding)}
   try:
     compiled = train.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program that cannot fit

@@ -43,7 +43,9 @@ def bench(config, variant, vocab_size, steps, init_from=''):
   shape = (tc.global_batch_size, tc.seq_len)
   batch = jax.device_put({'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
                           'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
-                          'mask': np.ones(shape, np.float32)}, train_step.batch_sharding(mesh))
+                          'mask': np.ones(shape, np.float32),
+                          'segment_ids': np.zeros(shape, np.int32)},  # one document per row
+                         train_step.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = train.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -107,7 +107,7 @@ def _take(iterator, n):
 def _assert_same_batches(first, second):
   assert len(first) == len(second)
   for a, b in zip(first, second):
-    assert a.keys() == b.keys() == {'inputs', 'targets', 'mask'}
+    assert a.keys() == b.keys() == {'inputs', 'targets', 'mask', 'segment_ids'}
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
 
@@ -232,7 +232,9 @@ def test_stdlib_default_prepares_and_yields_batches(tmp_path):
   with _iterator(pipeline) as iterator:
     batch = next(iterator)
   assert {key: (value.shape, value.dtype) for key, value in batch.items()} == {
-      'inputs': ((4, 64), np.int32), 'targets': ((4, 64), np.int32), 'mask': ((4, 64), np.float32)}
+      'inputs': ((4, 64), np.int32), 'targets': ((4, 64), np.int32), 'mask': ((4, 64), np.float32),
+      'segment_ids': ((4, 64), np.int32)}
+  np.testing.assert_array_equal(batch['segment_ids'], data.segment_ids(batch['inputs'], pipeline.tokenizer.eos_id))
   assert batch['inputs'].max() < pipeline.tokenizer.vocab_size
   assert 'def ' in pipeline.tokenizer.decode(_rows(pipeline, VALIDATION)[:200].ravel())
   assert len(pipeline.eval_batches(3)) == 3
