@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.eval_batches = 16
   c.log.progress_bar = True
   c.log.peak_flops_per_device = 0.0  # 0: looked up from the device kind (for MFU)
+  # A jax.profiler trace of steps [profile_start_step, profile_start_step + profile_steps) goes to WORKDIR/profile
+  # (TensorBoard's profile plugin and Perfetto read it; launch/profile_summary.py prints the top device ops).
+  c.log.profile_start_step = 0  # 0: no trace
+  c.log.profile_steps = 5
   c.log.sample_prompt = 'def '
   c.log.sample_tokens = 200
   c.log.sample_temperature = 0.8

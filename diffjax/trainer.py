@@ -20,6 +20,39 @@ from diffjax import workdir as workdir_lib
 from diffjax.errors import ConfigError
 
 
+class StepProfiler:
+  """A jax.profiler trace of steps [start, start + count) into WORKDIR/profile, on the chief host only.
+
+  The trace ends once the last traced step has finished on the device, so its device work is all inside.
+  """
+
+  def __init__(self, log_cfg, workdir: str):
+    self.start, self.stop = log_cfg.profile_start_step, log_cfg.profile_start_step + log_cfg.profile_steps
+    self.folder, self.tracing = os.path.join(workdir, 'profile'), False
+    self.enabled = bool(log_cfg.profile_start_step) and jax.process_index() == 0
+
+  def before_step(self, step: int):
+    """`step` is the number of the step about to run (1-based)."""
+    if self.enabled and step == self.start and not self.tracing:
+      jax.profiler.start_trace(self.folder)
+      self.tracing = True
+
+  def after_step(self, step: int, outputs) -> bool:
+    """True when the trace has just ended (the step's timing then includes waiting for the device)."""
+    if not (self.tracing and step == self.stop - 1):
+      return False
+    jax.block_until_ready(outputs)
+    self.close()
+    say(f'profile of steps {self.start}-{self.stop - 1} in {self.folder} (python launch/profile_summary.py '
+        f'{self.folder} prints the top device ops)')
+    return True
+
+  def close(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
 class NonFiniteError(RuntimeError):
   """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""
 
@@ -159,6 +192,7 @@ class Run:
     flops_per_token = metrics_lib.flops_per_token(self.cfg, tc.seq_len)
     peak = metrics_lib.peak_flops_per_device(log.peak_flops_per_device)
     watcher = PreemptionWatcher()
+    profiler = StepProfiler(log, self.workdir)
     say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, mesh '
         f'{dict(self.mesh.shape)}, {tc.global_batch_size} x {tc.seq_len} tokens per step')
     bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
@@ -180,9 +214,13 @@ class Run:
 
     try:
       while step < tc.steps:
+        profiler.before_step(step + 1)
         state, step_metrics = self.train_fn(state, next(iterator))
         step += 1
         bar.update(1)
+        if profiler.after_step(step, (state, step_metrics)):
+          write_pending()
+          restart_window(step)  # traced steps run slower, so they stay out of the throughput
         self.checkpoints.check()  # a failed asynchronous save ends the run before another step
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
@@ -214,6 +252,7 @@ class Run:
       write_pending()
       self._check_finite(state)
     finally:
+      profiler.close()
       iterator.close()
       bar.close()
       watcher.close()

@@ -17,9 +17,10 @@ from diffjax.errors import ConfigError
 CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
 POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 'train.steps', 'train.learning_rate',
             'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
-            'log.eval_batches')
+            'log.eval_batches', 'log.profile_steps')
 NON_NEGATIVE = ('train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.z_loss', 'train.end_lr_ratio',
-                'train.b1', 'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device')
+                'train.b1', 'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device',
+                'log.profile_start_step')
 
 
 def _get(config, dotted: str):

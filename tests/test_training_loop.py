@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -57,7 +58,8 @@ def checkpoint_steps(workdir) -> list[int]:
 @pytest.fixture(scope='module')
 def full(space):
   workdir = space['root'] / 'full'
-  proc = run(space, workdir, train__steps=STEPS)
+  # It also traces steps 5 and 6 with jax.profiler; the records must not change for it.
+  proc = run(space, workdir, train__steps=STEPS, log__profile_start_step=5, log__profile_steps=2)
   return {'workdir': workdir, 'proc': proc, 'records': read_metrics(workdir)}
 
 
@@ -139,6 +141,19 @@ def test_run_writes_config_sample_and_curves(full):
   assert lines[header + 1].startswith(PROMPT) and len(lines[header + 1]) > len(PROMPT)
   png = (full['workdir'] / 'curves.png').read_bytes()
   assert png.startswith(b'\x89PNG\r\n\x1a\n') and len(png) > 10_000
+
+
+def test_profile_of_the_chosen_steps_is_written_and_summarised(full):
+  assert f'profile of steps 5-6 in {full["workdir"] / "profile"}' in full['proc'].stdout
+  traces = list((full['workdir'] / 'profile').glob('plugins/profile/*/*.trace.json.gz'))
+  assert len(traces) == 1
+  summary = subprocess.run([sys.executable, 'launch/profile_summary.py', str(full['workdir'] / 'profile'), '--top',
+                            '5', '--out', str(full['workdir'] / 'summary.json')], capture_output=True, text=True,
+                           cwd=pathlib.Path(__file__).parents[1], timeout=120)
+  assert summary.returncode == 0, summary.stderr
+  assert summary.stdout.startswith('host (no device events in this trace): busy ')  # a CPU run traces the host
+  written = json.loads((full['workdir'] / 'summary.json').read_text())
+  assert len(written['host']['ops']) == 5 and written['host']['busy_ms'] > 0
 
 
 def test_rerun_with_more_steps_continues_from_the_checkpoint(resumed):

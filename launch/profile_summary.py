@@ -1,0 +1,96 @@
+"""The top operations of a jax.profiler trace (a run's WORKDIR/profile, from `log.profile_start_step`).
+
+  python launch/profile_summary.py WORKDIR/profile --top 25 --out profile_summary.json
+
+Reads the newest `*.trace.json.gz` below the folder and adds up the duration of every complete event by name, on the
+accelerators (`/device:...` processes: kernels and XLA fusions) and, separately, on the host. It prints, per
+device, how busy it was over the traced window (the gap is time the device waited: for the host, the input or a
+sync) and the operations that took the most time, then writes the same as JSON.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+
+
+def newest_trace(folder: str) -> str:
+  paths = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
+  if not paths:
+    raise SystemExit(f'error: no *.trace.json.gz below {folder}; run a training with '
+                     '--config.log.profile_start_step=N first')
+  return max(paths, key=os.path.getmtime)
+
+
+def summarize(trace: dict, top: int) -> dict:
+  """{'devices': {process: {'busy_ms', 'window_ms', 'ops': [...]}}, 'host': {...}} of a Chrome-format trace."""
+  events = trace['traceEvents']
+  processes = {e['pid']: e['args']['name'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  groups = collections.defaultdict(list)
+  for event in events:
+    if event.get('ph') == 'X' and 'dur' in event:
+      name = processes.get(event['pid'], str(event['pid']))
+      groups[name if name.startswith('/device:') else 'host'].append(event)
+  summary = {'devices': {}, 'host': None}
+  for process, items in sorted(groups.items()):
+    totals, counts = collections.Counter(), collections.Counter()
+    for event in items:
+      totals[event['name']] += event['dur']
+      counts[event['name']] += 1
+    begin, end = min(e['ts'] for e in items), max(e['ts'] + e['dur'] for e in items)
+    busy = _union_length(sorted((e['ts'], e['ts'] + e['dur']) for e in items))
+    part = {'window_ms': (end - begin) / 1e3, 'busy_ms': busy / 1e3,
+            'ops': [{'name': name, 'total_ms': total / 1e3, 'count': counts[name], 'share': total / max(busy, 1e-9)}
+                    for name, total in totals.most_common(top)]}
+    if process == 'host':
+      summary['host'] = part
+    else:
+      summary['devices'][process] = part
+  return summary
+
+
+def _union_length(intervals) -> float:
+  """Total length covered by sorted (start, end) intervals: nested and overlapping events count once."""
+  covered, current_start, current_end = 0.0, None, None
+  for start, end in intervals:
+    if current_end is None or start > current_end:
+      if current_end is not None:
+        covered += current_end - current_start
+      current_start, current_end = start, end
+    else:
+      current_end = max(current_end, end)
+  return covered + (current_end - current_start if current_end is not None else 0.0)
+
+
+def print_summary(summary: dict):
+  parts = list(summary['devices'].items()) or [('host (no device events in this trace)', summary['host'])]
+  for process, part in parts:
+    if part is None:
+      continue
+    print(f'{process}: busy {part["busy_ms"]:.1f} of {part["window_ms"]:.1f} ms '
+          f'({100 * part["busy_ms"] / max(part["window_ms"], 1e-9):.1f}%)')
+    print(f'{"total ms":>10} {"count":>7} {"share":>7}  operation')
+    for op in part['ops']:
+      print(f'{op["total_ms"]:>10.2f} {op["count"]:>7} {100 * op["share"]:>6.1f}%  {op["name"][:100]}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('folder', help='a run\'s profile folder (WORKDIR/profile) or any folder above a trace')
+  parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--out', default='', help='write the summary as JSON here')
+  args = parser.parse_args()
+  path = newest_trace(args.folder)
+  with gzip.open(path, 'rt') as f:
+    summary = summarize(json.load(f), args.top)
+  summary['trace'] = path
+  print_summary(summary)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(summary, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
