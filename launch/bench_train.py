@@ -24,6 +24,25 @@ def load_config(path):
   return module.get_config()
 
 
+def apply_overrides(config, items):
+  """KEY=VALUE strings (dotted keys) onto a config, each value parsed as the diffjax.train flags parse it."""
+  for item in items:
+    key, _, text = item.partition('=')
+    *parents, name = key.split('.')
+    section = config
+    for parent in parents:
+      section = section[parent]
+    section[name] = _parse(text, section[name])
+
+
+def _parse(text: str, current):
+  if isinstance(current, bool):
+    return text.lower() in ('1', 'true', 'yes')
+  if isinstance(current, (int, float)):
+    return type(current)(float(text)) if isinstance(current, int) and float(text).is_integer() else float(text)
+  return text
+
+
 def bench(config, variant, vocab_size, steps, init_from=''):
   config = config.copy_and_resolve_references()
   config.model.variant = variant
@@ -85,9 +104,12 @@ def main():
   parser.add_argument('--ffn', type=int, default=0, help='model.d_ff override (0: the config\'s)')
   parser.add_argument('--scan', type=int, default=-1, help='model.scan_layers override (0/1)')
   parser.add_argument('--init_from', default='', help='also time the first variant with the weights of this run')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='any config override, as --config.KEY=VALUE of diffjax.train (applied first)')
   parser.add_argument('--out', default='bench_train.json')
   args = parser.parse_args()
   config = load_config(args.config)
+  apply_overrides(config, args.set)
   config.train.global_batch_size, config.train.microbatches = args.batch, args.microbatches
   if args.seq:
     config.train.seq_len = args.seq

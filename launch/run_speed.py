@@ -1,0 +1,164 @@
+"""A real `diffjax.train` run against the train step alone, for one config: alone, and with others sharing the device.
+
+  python launch/run_speed.py --config=configs/seed.py --root=runs/run_speed --steps=1000 --sharing=2 \
+      --set data.source=local --set data.text_glob=corpus_en --set data.tokenizer=byte \
+      --set train.global_batch_size=64 --set train.microbatches=1
+
+First `launch/bench_train.py` times the compiled step on random tokens (same config, same shardings); then one
+training runs alone, then `--sharing` trainings run at once on the same accelerator. From each run's
+`metrics.jsonl` it takes the median tokens/s over steps [--from_step, --steps], its ratio to the step alone, the
+trend (the median of the last `--trend_steps` steps against that of the first `--trend_steps` of the window) and
+the median input wait. Where `nvidia-smi` exists, the GPU's clock, temperature and power are sampled every second
+into gpu.csv, so a slowdown from the clocks shows apart from one in the software. Prints a table, writes
+run_speed.json into --root.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from diffjax import metrics, tokenizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'launch'))
+import bench_train  # noqa: E402  (a sibling script)
+
+
+def train_command(args, workdir: str) -> list[str]:
+  # Evaluation and saves happen once, at the end: their time is left out of tokens/s anyway, but they would also
+  # interrupt the other runs sharing the device.
+  return [sys.executable, '-m', 'diffjax.train', f'--config={args.config}', f'--workdir={workdir}',
+          f'--config.train.steps={args.steps}', '--config.log.progress_bar=False',
+          f'--config.log.every_steps={args.log_every}', f'--config.log.eval_every_steps={args.steps}',
+          f'--config.checkpoint.every_steps={args.steps}', *(f'--config.{item}' for item in args.set)]
+
+
+def run_all(commands: list[tuple[str, list[str], str]], env: dict):
+  """Starts every (name, command, workdir) at once and waits for all; each logs to its workdir's train.log."""
+  running = []
+  for name, command, workdir in commands:
+    os.makedirs(workdir, exist_ok=True)
+    log = open(os.path.join(workdir, 'train.log'), 'w')
+    print(f'[{time.strftime("%H:%M:%S")}] {name}: {" ".join(command)}', flush=True)
+    running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
+  for name, process, log in running:
+    process.wait()
+    log.close()
+    if process.returncode:
+      raise SystemExit(f'error: {name} failed (exit code {process.returncode}); see its train.log')
+
+
+def speed_of(workdir: str, from_step: int, to_step: int, trend_steps: int) -> dict:
+  """Median tokens/s and input wait of the logged steps in [from_step, to_step], and their trend."""
+  records = [r for r in metrics.read_records(workdir) if 'tokens_per_s' in r and from_step <= r['step'] <= to_step]
+  if not records:
+    raise SystemExit(f'error: {workdir} logged no throughput between steps {from_step} and {to_step}; lower '
+                     '--from_step or raise --steps')
+  speeds = np.array([r['tokens_per_s'] for r in records])
+  steps = np.array([r['step'] for r in records])
+  early, late = speeds[steps < from_step + trend_steps], speeds[steps > to_step - trend_steps]
+  return {'median_tokens_per_s': float(np.median(speeds)), 'records': len(records),
+          'trend': float(np.median(late) / np.median(early) - 1.0) if len(early) and len(late) else None,
+          'median_data_wait_ms': float(np.median([r['data_wait_ms'] for r in records]))}
+
+
+class GpuSampler:
+  """nvidia-smi's SM clock, temperature and power, once a second, into a CSV file; nothing without nvidia-smi."""
+
+  def __init__(self, path: str):
+    self.path, self.process = path, None
+    if shutil.which('nvidia-smi'):
+      self.file = open(path, 'w')
+      self.process = subprocess.Popen(
+          ['nvidia-smi', '--query-gpu=timestamp,clocks.sm,temperature.gpu,power.draw', '--format=csv,noheader,nounits',
+           '-l', '1'], stdout=self.file, stderr=subprocess.DEVNULL)
+
+  def close(self) -> dict | None:
+    """Minimum, median and maximum of each sampled quantity."""
+    if self.process is None:
+      return None
+    self.process.terminate()
+    self.process.wait()
+    self.file.close()
+    with open(self.path) as f:
+      rows = [row for row in csv.reader(f) if len(row) == 4]
+    columns = {'sm_clock_mhz': 1, 'temperature_c': 2, 'power_w': 3}
+    summary = {}
+    for key, index in columns.items():
+      values = [float(row[index]) for row in rows if row[index].strip().replace('.', '', 1).isdigit()]
+      if values:
+        summary[key] = {'min': min(values), 'median': float(np.median(values)), 'max': max(values)}
+    return summary
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/seed.py')
+  parser.add_argument('--root', default='runs/run_speed')
+  parser.add_argument('--steps', type=int, default=1000)
+  parser.add_argument('--from_step', type=int, default=100, help='first step of the measured window')
+  parser.add_argument('--trend_steps', type=int, default=200)
+  parser.add_argument('--log_every', type=int, default=10)
+  parser.add_argument('--sharing', type=int, default=2, help='trainings at once in the shared part (0: skip it)')
+  parser.add_argument('--bench_steps', type=int, default=50)
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='a config override for every run and the bench, as --config.KEY=VALUE of diffjax.train')
+  args = parser.parse_args()
+  os.makedirs(args.root, exist_ok=True)
+  config = bench_train.load_config(args.config)
+  bench_train.apply_overrides(config, args.set)
+  vocab = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte' else config.data.sp_vocab_size)
+  variant = config.model.variant
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  sampler = GpuSampler(os.path.join(args.root, 'gpu.csv'))
+  try:
+    bench_json = os.path.join(args.root, 'bench_train.json')
+    subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'bench_train.py'), f'--config={args.config}',
+                    f'--variants={variant}', f'--batch={config.train.global_batch_size}',
+                    f'--microbatches={config.train.microbatches}', f'--vocab={vocab}', f'--steps={args.bench_steps}',
+                    f'--out={bench_json}', *(f'--set={item}' for item in args.set)], check=True, env=env, cwd=REPO)
+    with open(bench_json) as f:
+      step_speed = json.load(f)[0]['tokens_per_s']
+    groups = {'alone': [os.path.join(args.root, 'alone')]}
+    if args.sharing:
+      groups[f'{args.sharing} sharing'] = [os.path.join(args.root, f'shared_{i}') for i in range(args.sharing)]
+    for name, workdirs in groups.items():
+      run_env = dict(env)
+      if len(workdirs) > 1:  # JAX would otherwise give each process three quarters of the accelerator's memory
+        run_env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / len(workdirs):.2f}'
+      for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: a resumed one would train nothing
+      run_all([(f'{name} #{i}', train_command(args, w), w) for i, w in enumerate(workdirs)], run_env)
+  finally:
+    gpu = sampler.close()
+  rows = []
+  for name, workdirs in groups.items():
+    for i, workdir in enumerate(workdirs):
+      speed = speed_of(workdir, args.from_step, args.steps, args.trend_steps)
+      rows.append({'run': f'{name} #{i}' if len(workdirs) > 1 else name, 'workdir': workdir,
+                   'of_step_speed': speed['median_tokens_per_s'] / step_speed, **speed})
+  result = {'config': args.config, 'overrides': args.set, 'variant': variant, 'steps': args.steps,
+            'window': [args.from_step, args.steps], 'step_tokens_per_s': step_speed, 'runs': rows, 'gpu': gpu}
+  with open(os.path.join(args.root, 'run_speed.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'{variant}, {args.config} {" ".join(args.set)}')
+  print(f'train step alone (bench_train): {step_speed:,.0f} tokens/s')
+  print(f'{"run":<14} {"median tokens/s":>16} {"of step":>8} {"trend":>7} {"data wait ms":>13}  '
+        f'(steps {args.from_step}-{args.steps})')
+  for r in rows:
+    trend = f'{100 * r["trend"]:+6.1f}%' if r['trend'] is not None else '    n/a'
+    print(f'{r["run"]:<14} {r["median_tokens_per_s"]:>16,.0f} {100 * r["of_step_speed"]:>7.1f}% {trend:>7} '
+          f'{r["median_data_wait_ms"]:>13.2f}')
+  if gpu:
+    print('GPU ' + ', '.join(f'{k} {v["min"]:.0f}-{v["max"]:.0f} (median {v["median"]:.0f})' for k, v in gpu.items()))
+
+
+if __name__ == '__main__':
+  main()
