@@ -44,6 +44,8 @@ class ModelConfig:
   # Residual-branch output projections (attention out_proj, FFN down_proj) start at N(0, 0.02/sqrt(2 n_layers))
   # (GPT-2, Megatron) if True, at N(0, 0.02) like every other matrix (Hugging Face Llama and DiffLlama) if False.
   scale_residual_init: bool = True
+  # Token embeddings start at N(0, embed_init_std); with tie_embeddings the output layer shares them.
+  embed_init_std: float = 0.02
   # DIFF V1's per-head RMSNorm has a learnable scale (the official code) if True, none (Hugging Face) if False.
   subln_scale: bool = True
   # Attention stays inside each document of a packed row: the train and eval steps pass the batch's segment ids
@@ -89,6 +91,7 @@ class ModelConfig:
     need(self.kv_heads > 0, 'n_kv_heads', f'must be a positive integer, got {self.n_kv_heads!r}')
     need(self.rope_theta > 0, 'rope_theta', f'must be positive, got {self.rope_theta}')
     need(self.norm_eps > 0, 'norm_eps', f'must be positive, got {self.norm_eps}')
+    need(self.embed_init_std > 0, 'embed_init_std', f'must be positive, got {self.embed_init_std}')
     need(self.d_model % self.n_heads == 0, 'd_model',
          f'{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple of n_heads')
     need(self.n_heads % self.kv_heads == 0, 'n_kv_heads',

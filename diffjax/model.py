@@ -75,7 +75,8 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.embed_init_std),
+                                                                 ('vocab', 'embed')))
     x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
     block = nn.remat(Block) if cfg.remat else Block
     new_cache = []
