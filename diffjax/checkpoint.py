@@ -260,10 +260,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
   A key only one side has (added to or removed from diffjax since the run started) is not a difference.
   """
-  old, new = defaults.flatten(saved), defaults.flatten(current)
+  old, new = _resolved(defaults.flatten(saved)), _resolved(defaults.flatten(current))
   keys = sorted(k for k in set(old) & set(new)
                 if any(k == p or k.startswith(p + '.') for p in RUN_IDENTITY) and k not in NOT_IDENTITY)
   return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old[k] != new[k]]
+
+
+def _resolved(flat: dict) -> dict:
+  """A flat config with its placeholders spelled out: `model.n_kv_heads` 0 (or None) means n_heads, the same model."""
+  if flat.get('model.n_kv_heads') in (0, None) and 'model.n_heads' in flat:
+    flat = {**flat, 'model.n_kv_heads': flat['model.n_heads']}
+  return flat
 
 
 def param_shapes(state_dir: str) -> dict[str, tuple]:

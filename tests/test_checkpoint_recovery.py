@@ -239,3 +239,9 @@ def test_init_from_verifies_the_checksums(base, tmp_path):
   with pytest.raises(ConfigError, match=rf"^checkpoint\.init_from: {workdir}/checkpoints/{LAST}/state is damaged "
                                         rf"\({re.escape(key)} does not match the checksum saved with it\)"):
     checkpoint_lib.load_params(str(workdir), params, shardings)
+
+
+def test_kv_heads_placeholder_and_its_value_are_the_same_run():
+  config = lambda kv_heads: {'model': {'n_heads': 8, 'n_kv_heads': kv_heads}, 'train': {'seq_len': 64}}
+  assert checkpoint_lib.config_differences(config(0), config(8)) == []
+  assert checkpoint_lib.config_differences(config(0), config(4)) == ['model.n_kv_heads: 8 -> 4']
