@@ -96,7 +96,7 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
   denominator = jnp.maximum(token_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
   loss = ce_sum / denominator
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
