@@ -32,7 +32,7 @@ ITEMS = ('state', 'data', 'config', 'checksums')
 # Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where
 # the same model and data are computed and read.
 RUN_IDENTITY = ('model', 'data', 'train.seq_len')
-NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'data.data_dir', 'data.num_workers')
+NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'model.remat_policy', 'data.data_dir', 'data.num_workers')
 # Orbax renames steps beyond `keep` into this subdirectory (one atomic rename), where they are deleted.
 DELETING = '.deleting'
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
-from diffjax.config import ModelConfig
+from diffjax.config import REMAT_POLICIES, ModelConfig
 
 ACTIVATION_AXES = ('batch', 'length', 'act_embed')
 
@@ -44,6 +44,11 @@ class Block(nn.Module):
     return x_BxTxE if cache is None else (x_BxTxE, cache)
 
 
+def block_class(cfg: ModelConfig):
+  """Block, or with `remat` a Block whose backward pass recomputes what `remat_policy` did not save."""
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
+
+
 class _LayerStack(nn.Module):
   """The body of `nn.scan` over layers: one Block whose layer index (for DIFF's λ_init) arrives as the scanned
   input, so the same traced block serves every layer."""
@@ -51,8 +56,7 @@ class _LayerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE, layer, positions_BxT):
-    block = nn.remat(Block) if self.cfg.remat else Block
-    return block(self.cfg, layer, name='block')(x_BxTxE, positions_BxT), None
+    return block_class(self.cfg)(self.cfg, layer, name='block')(x_BxTxE, positions_BxT), None
 
 
 class Transformer(nn.Module):
@@ -74,7 +78,7 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
     x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
-    block = nn.remat(Block) if cfg.remat else Block
+    block = block_class(cfg)
     new_cache = []
     if cfg.scan_layers:
       if cache is not None:
