@@ -14,7 +14,8 @@ from diffjax import data as data_lib
 from diffjax import model as model_lib
 from diffjax.errors import ConfigError
 
-CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
+CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip'),
+           'train.opt_moments_dtype': ('float32', 'bfloat16')}
 POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 'train.steps', 'train.learning_rate',
             'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
             'log.eval_batches')

@@ -80,6 +80,8 @@ IN_PROCESS = {
     'warmup longer than training': ({'train__warmup_steps': 100}, 'train.warmup_steps'),
     'unknown schedule': ({'train__decay': 'step'}, 'train.decay'),
     'unknown non-finite mode': ({'train__on_nonfinite': 'ignore'}, 'train.on_nonfinite'),
+    'unknown optimizer moments dtype': ({'train__opt_moments_dtype': 'float16'}, 'train.opt_moments_dtype'),
+    'unknown remat policy': ({'model__remat': True, 'model__remat_policy': 'everything'}, 'model.remat_policy'),
     'beta of 1 or more': ({'train__b2': 1.0}, 'train.b2'),
     'final learning rate above the peak': ({'train__end_lr_ratio': 1.5}, 'train.end_lr_ratio'),
     'negative weight decay': ({'train__weight_decay': -0.1}, 'train.weight_decay'),
