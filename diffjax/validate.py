@@ -43,6 +43,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
     if _get(config, key) not in choices:
       raise ConfigError(f'{key}: unknown value {_get(config, key)!r}; use one of {", ".join(choices)}')
   tc = config.train
+  chunk = tc.loss_chunk_tokens
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ConfigError(f'train.loss_chunk_tokens: must be a whole number of tokens, or 0 for the full-logits loss, '
+                      f'got {chunk!r}')
   for key in ('b1', 'b2'):
     if not tc[key] < 1.0:
       raise ConfigError(f'train.{key}: must be below 1, got {tc[key]}')

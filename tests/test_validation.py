@@ -80,6 +80,7 @@ IN_PROCESS = {
     'warmup longer than training': ({'train__warmup_steps': 100}, 'train.warmup_steps'),
     'unknown schedule': ({'train__decay': 'step'}, 'train.decay'),
     'unknown non-finite mode': ({'train__on_nonfinite': 'ignore'}, 'train.on_nonfinite'),
+    'negative loss chunk': ({'train__loss_chunk_tokens': -8192}, 'train.loss_chunk_tokens'),
     'unknown optimizer moments dtype': ({'train__opt_moments_dtype': 'float16'}, 'train.opt_moments_dtype'),
     'unknown remat policy': ({'model__remat': True, 'model__remat_policy': 'everything'}, 'model.remat_policy'),
     'beta of 1 or more': ({'train__b2': 1.0}, 'train.b2'),
