@@ -201,7 +201,8 @@ def run_steps(cfg, chunk: int, microbatches: int, batches) -> dict:
     state, step_metrics = train(state, batch)
     metrics.append({key: float(step_metrics[key]) for key in ('loss', 'grad_norm', 'tokens')})
   return {'metrics': metrics, 'eval': {k: float(v) for k, v in evaluate(state['params'], batches[0]).items()},
-          'grads': jax.device_get(optax.tree_utils.tree_get(state['opt_state'], 'mu')), 'params': jax.device_get(state['params'])}
+          'grads': jax.device_get(optax.tree_utils.tree_get(state['opt_state'], 'mu')),
+          'params': jax.device_get(state['params'])}
 
 
 @pytest.mark.parametrize('microbatches', [1, 2])
