@@ -32,7 +32,7 @@ ITEMS = ('state', 'data', 'config', 'checksums')
 # Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where
 # the same model and data are computed and read.
 RUN_IDENTITY = ('model', 'data', 'train.seq_len')
-NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'data.data_dir', 'data.num_workers')
+NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'model.remat_policy', 'data.data_dir', 'data.num_workers')
 # Orbax renames steps beyond `keep` into this subdirectory (one atomic rename), where they are deleted.
 DELETING = '.deleting'
 
@@ -170,8 +170,16 @@ class Checkpointer:
     return None
 
   def _restore(self, step: int, abstract_state) -> dict:
-    """The step's state and data position; raises ChecksumError if an array is not the one saved."""
-    items = {'state': ocp.args.StandardRestore(abstract_state), 'data': ocp.args.JsonRestore()}
+    """The step's state and data position; raises ChecksumError if an array is not the one saved.
+
+    Arrays are read in the dtype they were saved in, so that their checksums can be verified, and only then cast
+    to the dtype the state asks for now (`train.opt_moments_dtype` may differ from the run's earlier setting).
+    """
+    saved = saved_dtypes(os.path.join(self.directory, str(step), 'state'))
+    as_saved = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, saved.get(_path_names(path), x.dtype), sharding=x.sharding),
+        abstract_state)
+    items = {'state': ocp.args.StandardRestore(as_saved), 'data': ocp.args.JsonRestore()}
     # Steps saved before checksums were recorded have none to verify.
     has_checksums = os.path.isdir(os.path.join(self.directory, str(step), 'checksums'))
     if has_checksums:
@@ -179,7 +187,8 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if has_checksums:
       verify(restored['state'], restored['checksums'])
-    return restored
+    cast = lambda x, target: x if x.dtype == target.dtype else x.astype(target.dtype)
+    return {**restored, 'state': jax.tree.map(cast, restored['state'], abstract_state)}
 
   def _move_aside(self, step: int) -> str:
     target = os.path.join(f'{self.directory}_corrupt', f'{step}-{int(time.time())}')
@@ -279,6 +288,17 @@ def param_shapes(state_dir: str) -> dict[str, tuple]:
   if 'params' not in tree:
     raise ValueError(f'{state_dir} has no readable parameter metadata')
   return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree['params'])[0]}
+
+
+def _path_names(path) -> tuple[str, ...]:
+  """A pytree path as plain names, alike for the state's named tuples and the dicts of its saved metadata."""
+  return tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+
+
+def saved_dtypes(state_dir: str) -> dict[tuple[str, ...], jnp.dtype]:
+  """Array path (as `_path_names`) -> dtype in a saved train state, from its metadata."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+  return {_path_names(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, 'dtype')}
 
 
 def shape_mismatch(saved_shapes: dict[str, tuple], abstract_params) -> str | None:

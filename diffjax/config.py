@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from diffjax.errors import ConfigError
@@ -10,6 +11,10 @@ from diffjax.errors import ConfigError
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas')
 ROPE_PAIRINGS = ('interleaved', 'half')
+# What a rematerialised block saves for its backward pass (None: nothing, as `jax.checkpoint` does by default).
+# Weight matmuls have no batch dimensions; attention's score and value products (batched over heads) do, so 'dots'
+# keeps the projections' outputs but not the (T, T) attention maps.
+REMAT_POLICIES = {'nothing': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -38,6 +43,9 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype; parameters, softmax and λ stay float32
   norm_eps: float = 1e-5
   remat: bool = False  # recompute each block in the backward pass to save activation memory
+  # What a rematerialised block keeps from its forward pass: 'nothing' (all of it is recomputed) or 'dots' (the
+  # outputs of its weight matmuls, so the backward recomputes only norms, RoPE, attention and activations).
+  remat_policy: str = 'nothing'
   # One block traced once and run by a loop over stacked per-layer parameters (`nn.scan`): compile time and the
   # compiled program stop growing with depth. Parameters then carry a leading `layers` axis.
   scan_layers: bool = False
@@ -84,6 +92,8 @@ class ModelConfig:
          f'unknown implementation {self.attention_impl!r}; use one of {", ".join(ATTENTION_IMPLS)}')
     need(self.rope_pairing in ROPE_PAIRINGS, 'rope_pairing',
          f'unknown pairing {self.rope_pairing!r}; use one of {", ".join(ROPE_PAIRINGS)}')
+    need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
+         f'unknown policy {self.remat_policy!r}; use one of {", ".join(REMAT_POLICIES)}')
     need(self.dtype in DTYPES, 'dtype', f'unknown dtype {self.dtype!r}; use one of {", ".join(DTYPES)}')
     for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'max_len'):
       need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
-from diffjax.config import ModelConfig
+from diffjax.config import REMAT_POLICIES, ModelConfig
 
 ACTIVATION_AXES = ('batch', 'length', 'act_embed')
 
@@ -44,6 +44,11 @@ class Block(nn.Module):
     return x_BxTxE if cache is None else (x_BxTxE, cache)
 
 
+def block_class(cfg: ModelConfig):
+  """Block, or with `remat` a Block whose backward pass recomputes what `remat_policy` did not save."""
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
+
+
 class _LayerStack(nn.Module):
   """The body of `nn.scan` over layers: one Block whose layer index (for DIFF's λ_init) arrives as the scanned
   input, so the same traced block serves every layer."""
@@ -51,8 +56,7 @@ class _LayerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE, layer, positions_BxT, segment_ids_BxT):
-    block = nn.remat(Block) if self.cfg.remat else Block
-    return block(self.cfg, layer, name='block')(x_BxTxE, positions_BxT, None, segment_ids_BxT), None
+    return block_class(self.cfg)(self.cfg, layer, name='block')(x_BxTxE, positions_BxT, None, segment_ids_BxT), None
 
 
 class Transformer(nn.Module):
@@ -62,11 +66,15 @@ class Transformer(nn.Module):
   attends only to earlier tokens of its own document. With `cache` (from `init_cache`; `positions_BxT` then
   required, the tokens' absolute positions), it returns (logits, updated cache): the tokens' keys and values are
   stored at their positions' slots and each token attends to the cached slots up to its own position.
+
+  With `return_hidden`, the final-normed hidden states (B, T, E) in the compute dtype take the logits' place: the
+  output projection (`output_kernel`) is left to the caller, so a loss can apply it a chunk of tokens at a time
+  (`diffjax.losses`). The parameters are those of the default call, which is what `init` must run.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, cache=None, segment_ids_BxT=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, cache=None, segment_ids_BxT=None, return_hidden: bool = False):
     cfg = self.cfg
     if cache is not None and positions_BxT is None:
       raise ValueError('Transformer with a KV cache needs positions_BxT, the tokens\' absolute positions')
@@ -78,7 +86,7 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.embed_init_std),
                                                                  ('vocab', 'embed')))
     x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
-    block = nn.remat(Block) if cfg.remat else Block
+    block = block_class(cfg)
     new_cache = []
     if cfg.scan_layers:
       if cache is not None:
@@ -94,12 +102,21 @@ class Transformer(nn.Module):
         x_BxTxE, layer_cache = block(cfg, layer, name=f'block_{layer}')(x_BxTxE, positions_BxT, cache[layer])
         new_cache.append(layer_cache)
     x_BxTxE = RMSNorm(cfg.norm_eps, name='final_norm')(x_BxTxE).astype(cfg.compute_dtype)
+    if return_hidden:
+      return x_BxTxE if cache is None else (x_BxTxE, new_cache)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxE)
     else:
       logits_BxTxV = dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BxTxE)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)
+
+
+def output_kernel(cfg: ModelConfig, params):
+  """The output projection (E, V) the model's head applies, float32: the embedding table transposed when tied,
+  else `lm_head`'s kernel. The head casts it to the compute dtype; so must a caller that applies it itself."""
+  params = nn.meta.unbox(params)
+  return params['embed']['embedding'].T if cfg.tie_embeddings else params['lm_head']['kernel']
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> list[dict]:

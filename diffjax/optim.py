@@ -1,6 +1,7 @@
 """AdamW with linear warmup, cosine/linear decay and global-norm clipping, as one optax chain."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from diffjax.attention import LAMBDA_VECTORS
@@ -28,9 +29,16 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """Clipping, then AdamW; `opt_moments_dtype` sets the dtype Adam's first moment is stored in between steps.
+
+  bfloat16 halves that moment's memory; each update still computes it in float32 from the stored value and the new
+  gradient, and rounds it only to store it. optax (to 0.2.8 at least) has no such setting for the second moment,
+  which stays float32 like the parameters.
+  """
   clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity()
   return optax.chain(
       clip,
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask),
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask,
+                  mu_dtype=jnp.dtype(train_cfg.opt_moments_dtype)),
   )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffjax import losses
 from diffjax import model as model_lib
 from diffjax.config import ModelConfig
 from diffjax.sharding import LOGICAL_AXIS_RULES
@@ -67,10 +68,19 @@ def document_segments(cfg: ModelConfig, batch):
   return batch['segment_ids']
 
 
-def token_losses(cfg: ModelConfig, params, batch, z_loss: float):
-  """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing."""
-  logits_BxTxV = model_lib.Transformer(cfg).apply({'params': params}, batch['inputs'],
-                                                  segment_ids_BxT=document_segments(cfg, batch))
+def token_losses(cfg: ModelConfig, params, batch, z_loss: float, chunk_tokens: int = 0):
+  """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing.
+
+  With `chunk_tokens` > 0 the same sums come from the final hidden states, that many tokens at a time
+  (`losses.chunked_token_losses`), so the float32 logits of the whole batch never exist at once.
+  """
+  model = model_lib.Transformer(cfg)
+  segments_BxT = document_segments(cfg, batch)
+  if chunk_tokens:
+    hidden_BxTxE = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT, return_hidden=True)
+    return losses.chunked_token_losses(hidden_BxTxE, model_lib.output_kernel(cfg, params), batch['targets'],
+                                       batch['mask'], z_loss, chunk_tokens)
+  logits_BxTxV = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT)
   mask_BxT = batch['mask'].astype(jnp.float32)
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
   z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
@@ -88,7 +98,7 @@ def _split_microbatches(batch, microbatches: int):
 def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -> tuple[State, dict]:
   """One optimizer step over the global batch, accumulating gradients over `train_cfg.microbatches`."""
   def loss_sums(params, microbatch):
-    ce, z, tokens = token_losses(cfg, params, microbatch, train_cfg.z_loss)
+    ce, z, tokens = token_losses(cfg, params, microbatch, train_cfg.z_loss, train_cfg.loss_chunk_tokens)
     return ce + z, (ce, tokens)
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -107,7 +117,7 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
   denominator = jnp.maximum(token_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
   loss = ce_sum / denominator
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -132,8 +142,8 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
   return new_state, metrics
 
 
-def eval_step(cfg: ModelConfig, params, batch):
-  ce, _, tokens = token_losses(cfg, params, batch, 0.0)
+def eval_step(cfg: ModelConfig, params, batch, loss_chunk_tokens: int = 0):
+  ce, _, tokens = token_losses(cfg, params, batch, 0.0, loss_chunk_tokens)
   return {'loss_sum': ce, 'tokens': tokens}
 
 
@@ -144,8 +154,8 @@ def compile_steps(cfg: ModelConfig, tx, schedule, train_cfg, mesh):
   replicated = NamedSharding(mesh, P())
   train = jax.jit(functools.partial(train_step, cfg, tx, schedule, train_cfg),
                   in_shardings=(shardings, data), out_shardings=(shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, cfg), in_shardings=(shardings['params'], data),
-                     out_shardings=replicated)
+  evaluate = jax.jit(functools.partial(eval_step, cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens),
+                     in_shardings=(shardings['params'], data), out_shardings=replicated)
   return _in_mesh(train, mesh), _in_mesh(evaluate, mesh)
 
 

@@ -14,7 +14,8 @@ from diffjax import data as data_lib
 from diffjax import model as model_lib
 from diffjax.errors import ConfigError
 
-CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip')}
+CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip'),
+           'train.opt_moments_dtype': ('float32', 'bfloat16')}
 POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 'train.steps', 'train.learning_rate',
             'train.eps', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
             'log.eval_batches', 'log.profile_steps')
@@ -43,6 +44,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
     if _get(config, key) not in choices:
       raise ConfigError(f'{key}: unknown value {_get(config, key)!r}; use one of {", ".join(choices)}')
   tc = config.train
+  chunk = tc.loss_chunk_tokens
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ConfigError(f'train.loss_chunk_tokens: must be a whole number of tokens, or 0 for the full-logits loss, '
+                      f'got {chunk!r}')
   for key in ('b1', 'b2'):
     if not tc[key] < 1.0:
       raise ConfigError(f'train.{key}: must be below 1, got {tc[key]}')

@@ -1,6 +1,8 @@
 """Times the full train step of a config for each variant on random tokens: tokens/s, MFU and memory.
 
   python launch/bench_train.py --config configs/seed.py --batch 16 --microbatches 1 --steps 20
+  python launch/bench_train.py --config configs/seed.py --batch 16 --loss_chunk_tokens 8192 --remat 1 \
+      --remat_policy dots --opt_moments_dtype bfloat16   # the memory options, each can be set alone
 
 Uses the same compiled step, shardings and mesh as training (`diffjax.train_step`), so the numbers are those
 of `python -m diffjax.train` minus the input pipeline. Prints a table and writes JSON (`--out`).
@@ -83,7 +85,9 @@ def bench(config, variant, vocab_size, steps, init_from=''):
   stats = jax.devices()[0].memory_stats() or {}
   return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
           'params': model.count_params(state['params']), 'batch': tc.global_batch_size, 'seq_len': tc.seq_len,
-          'microbatches': tc.microbatches, 'attention_impl': cfg.attention_impl, 'step_ms': seconds * 1e3,
+          'microbatches': tc.microbatches, 'attention_impl': cfg.attention_impl,
+          'remat': cfg.remat_policy if cfg.remat else 'off', 'loss_chunk_tokens': tc.loss_chunk_tokens,
+          'opt_moments_dtype': tc.opt_moments_dtype, 'step_ms': seconds * 1e3,
           'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s, 'first_step_s': compile_and_first,
           'mfu': tokens_per_s * metrics.flops_per_token(cfg, tc.seq_len) / (jax.device_count() * peak) if peak else None,
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
@@ -101,6 +105,9 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--impl', default='', help='model.attention_impl override')
   parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
+  parser.add_argument('--remat_policy', default='', help='model.remat_policy override (nothing/dots)')
+  parser.add_argument('--loss_chunk_tokens', type=int, default=-1, help='train.loss_chunk_tokens override (0: off)')
+  parser.add_argument('--opt_moments_dtype', default='', help='train.opt_moments_dtype override (float32/bfloat16)')
   parser.add_argument('--ffn', type=int, default=0, help='model.d_ff override (0: the config\'s)')
   parser.add_argument('--scan', type=int, default=-1, help='model.scan_layers override (0/1)')
   parser.add_argument('--init_from', default='', help='also time the first variant with the weights of this run')
@@ -121,12 +128,19 @@ def main():
     config.model.scan_layers = bool(args.scan)
   if args.remat >= 0:
     config.model.remat = bool(args.remat)
+  if args.remat_policy:
+    config.model.remat_policy = args.remat_policy
+  if args.loss_chunk_tokens >= 0:
+    config.train.loss_chunk_tokens = args.loss_chunk_tokens
+  if args.opt_moments_dtype:
+    config.train.opt_moments_dtype = args.opt_moments_dtype
   variants = args.variants.split(',')
   rows = [bench(config, v, args.vocab, args.steps) for v in variants]
   if args.init_from:
     rows.append(bench(config, variants[0], args.vocab, args.steps, args.init_from))
   print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {args.config}, batch {args.batch} x {rows[0]["seq_len"]}, '
-        f'microbatches {args.microbatches}, vocab {args.vocab}')
+        f'microbatches {args.microbatches}, vocab {args.vocab}, remat {rows[0]["remat"]}, '
+        f'loss chunk {rows[0]["loss_chunk_tokens"] or "off"}, moments {rows[0]["opt_moments_dtype"]}')
   print(f'{"variant":<19} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
         f'{"init s":>7} {"compile s":>9}')
   for r in rows:

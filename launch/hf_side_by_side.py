@@ -105,7 +105,7 @@ def train_diffjax(cfg: ModelConfig, params, batches, args) -> tuple[list[float],
                                mask=optim.decay_mask))
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
            'nonfinite_steps': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
-  step_cfg = types.SimpleNamespace(microbatches=1, z_loss=0.0)
+  step_cfg = types.SimpleNamespace(microbatches=1, z_loss=0.0, loss_chunk_tokens=0)
   step = jax.jit(lambda s, b: train_step.train_step(cfg, tx, schedule, step_cfg, s, b), donate_argnums=0)
   losses, start = [], time.time()
   for window in batches:

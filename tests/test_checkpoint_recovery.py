@@ -10,7 +10,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 import pytest
 
 import reliability_helpers as rh
@@ -245,3 +248,33 @@ def test_kv_heads_placeholder_and_its_value_are_the_same_run():
   config = lambda kv_heads: {'model': {'n_heads': 8, 'n_kv_heads': kv_heads}, 'train': {'seq_len': 64}}
   assert checkpoint_lib.config_differences(config(0), config(8)) == []
   assert checkpoint_lib.config_differences(config(0), config(4)) == ['model.n_kv_heads: 8 -> 4']
+
+
+@pytest.mark.parametrize('saved, resumed', [('float32', 'bfloat16'), ('bfloat16', 'float32')])
+def test_a_changed_moments_dtype_resumes_the_moments_cast(tmp_path, saved, resumed):
+  """The checksums hold for the arrays as saved; the first moment then arrives in the dtype the run asks for now."""
+  config = defaults.base_config()
+  config.model.update(d_model=32, n_layers=1, n_heads=4, d_ff=64, max_len=32, dtype='float32', vocab_size=64)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  cfg = defaults.model_config(config, 64)
+
+  def moments_state(dtype):
+    config.train.opt_moments_dtype = dtype
+    tx = optim.make_optimizer(config.train)
+    return tx, train_step.init_state(cfg, tx, mesh, seed=0)
+
+  tx, state = moments_state(saved)
+  # Moments that bfloat16 cannot hold exactly (a fresh state's are zeros, the same bits in either dtype).
+  state['opt_state'] = optax.tree_utils.tree_map_params(tx, lambda m: m + 1 / 3, state['opt_state'])
+  expected = jax.tree.map(np.asarray, optax.tree_utils.tree_get(state['opt_state'], 'mu'))
+  checkpoints = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'), keep=1, async_save=False)
+  checkpoints.save(1, state, {}, config.to_dict())
+  tx, _ = moments_state(resumed)
+  step, restored, _ = checkpoints.restore_latest(train_step.abstract_state(cfg, tx, mesh))
+  checkpoints.close()
+  assert step == 1
+  mu = optax.tree_utils.tree_get(restored['opt_state'], 'mu')
+  assert {leaf.dtype for leaf in jax.tree.leaves(mu)} == {jnp.dtype(resumed)}
+  jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want.astype(resumed)), mu, expected)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored['params']), jax.device_get(state['params']))

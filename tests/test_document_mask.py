@@ -105,6 +105,9 @@ def test_train_step_needs_segment_ids_with_document_mask():
   masked = train_step.token_losses(cfg, params, batch, 0.0)[0]
   plain = train_step.token_losses(tiny_config(), params, batch, 0.0)[0]
   assert np.isfinite(masked) and not np.isclose(masked, plain)
+  # The chunked loss reads the same masked hidden states.
+  chunked = train_step.token_losses(cfg, params, batch, 0.0, chunk_tokens=7)[0]
+  np.testing.assert_allclose(chunked, masked, rtol=1e-5)
 
 
 # -- the Pallas kernel with segment ids ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The decoder against the float64 reference, its causality and gradients, config validation and sharding."""
 
+import dataclasses
 import functools
 
 from absl.testing import parameterized
@@ -161,6 +162,44 @@ def test_model_is_causal_through_gradients(overrides):
     assert np.all(np.any(input_grads[:, :t + 1] != 0, axis=-1))
 
 
+# --- Rematerialisation: the same gradients whatever each block saves, and less saved. ---------------------------
+
+REMAT_SETTINGS = {'off': dict(remat=False), 'nothing': dict(remat=True, remat_policy='nothing'),
+                  'dots': dict(remat=True, remat_policy='dots')}
+
+
+def _remat_loss(cfg, tokens):
+  transformer = model.Transformer(cfg)
+  return lambda params: jnp.sum(jax.nn.log_softmax(transformer.apply({'params': params}, tokens))[..., 0])
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_remat_policies_give_the_same_gradients(scan_layers):
+  cfg = tiny_config(scan_layers=scan_layers)
+  tokens = _tokens(cfg, seed=7)
+  params = random_params(model.Transformer(cfg), tokens, seed=7)
+  grads = {name: jit(jax.grad(_remat_loss(dataclasses.replace(cfg, **setting), tokens)))(params)
+           for name, setting in REMAT_SETTINGS.items()}
+  for name in ('nothing', 'dots'):
+    jax.tree.map(assert_close, grads[name], grads['off'])
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_remat_policies_save_what_they_say(scan_layers):
+  """The residuals the backward pass keeps (the leaves of the VJP closure): 'nothing' keeps the least, 'dots' adds
+  the matmul outputs, no remat keeps every intermediate; so the policy reaches the blocks in both layouts."""
+  cfg = tiny_config(scan_layers=scan_layers)
+  tokens = _tokens(cfg, seed=7)
+  params = random_params(model.Transformer(cfg), tokens, seed=7)
+
+  def saved(setting):
+    _, vjp = jax.vjp(_remat_loss(dataclasses.replace(cfg, **setting), tokens), params)
+    return sum(leaf.size for leaf in jax.tree.leaves(vjp))
+
+  sizes = {name: saved(setting) for name, setting in REMAT_SETTINGS.items()}
+  assert sizes['nothing'] < sizes['dots'] < sizes['off'], sizes
+
+
 # --- Shapes and finiteness with and without jit, in the default (bfloat16) compute dtype. ------------------------
 
 
@@ -227,6 +266,7 @@ def test_model_parameter_count(variant, tie):
     (dict(attention_impl='flash'), 'attention_impl'),
     (dict(rope_pairing='neox'), 'rope_pairing'),
     (dict(dtype='float64'), 'dtype'),
+    (dict(remat=True, remat_policy='everything'), 'remat_policy'),
     (dict(n_layers=0), 'n_layers'),
 ])
 def test_invalid_config_is_a_one_line_error_naming_the_key(overrides, key):

@@ -18,9 +18,10 @@ from diffjax import optim, sharding, train_step
 from helpers_training import random_params, sharded_state, tiny_model, train_config
 
 NUM_DEVICES = 8
-# name: ((data, fsdp, tensor), microbatches)
-MESHES = {'one_device': ((1, 1, 1), 1), 'data8': ((8, 1, 1), 1), 'data2_fsdp2_tensor2': ((2, 2, 2), 1),
-          'data2_fsdp2_tensor2_accumulating': ((2, 2, 2), 2)}
+# name: ((data, fsdp, tensor), microbatches, train.loss_chunk_tokens). The chunk of 25 divides neither the 128
+# tokens nor its own share of the 4 batch shards, so the padded last chunk and uneven shards are both exercised.
+MESHES = {'one_device': ((1, 1, 1), 1, 0), 'data8': ((8, 1, 1), 1, 0), 'data2_fsdp2_tensor2': ((2, 2, 2), 1, 0),
+          'data2_fsdp2_tensor2_accumulating': ((2, 2, 2), 2, 0), 'data2_fsdp2_tensor2_chunked_loss': ((2, 2, 2), 1, 25)}
 STEPS = 3
 LEARNING_RATE = 1e-2
 # Parameters named as in the model, with the logical axes they are created with.
@@ -60,11 +61,11 @@ def run_meshes() -> dict:
     return '/'.join(str(getattr(key, 'key', key)) for key in path)
 
   out = {'losses': {}, 'grad_norms': {}, 'params': {}}
-  for mesh_name, (shape, microbatches) in MESHES.items():
+  for mesh_name, (shape, microbatches, chunk) in MESHES.items():
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices=devices)
-    train, _ = train_step.compile_steps(cfg, tx, schedule, train_config(microbatches=microbatches, **optimizer_cfg),
-                                        mesh)
+    step_cfg = train_config(microbatches=microbatches, loss_chunk_tokens=chunk, **optimizer_cfg)
+    train, _ = train_step.compile_steps(cfg, tx, schedule, step_cfg, mesh)
     state = sharded_state(cfg, tx, mesh, random_params(cfg))
     losses, norms = [], []
     for batch in batches:
@@ -89,7 +90,7 @@ def run_meshes() -> dict:
 
 @pytest.fixture(scope='module')
 def result():
-  # Four meshes of eight devices take most of a minute to compile; LLVM's optimisations would add half again,
+  # Five meshes of eight devices take most of a minute to compile; LLVM's optimisations would add half again,
   # for steps that run in milliseconds either way.
   flags = f'--xla_force_host_platform_device_count={NUM_DEVICES} --xla_backend_optimization_level=0'
   env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from diffjax import model as model_lib
-from diffjax import optim
+from diffjax import optim, train_step
 from diffjax.attention import LAMBDA_VECTORS
-from helpers_training import random_params, tiny_model, train_config
+from helpers_training import random_params, sharded_state, single_device_mesh, tiny_model, train_config
 
 
 def expected_learning_rate(step, *, peak, warmup, steps, end_ratio, decay):
@@ -150,3 +150,50 @@ def test_global_norm_clipping(scale, grad_clip, clipped):
   # Clipping rescales the whole gradient by one factor: the direction is kept.
   jax.tree.map(lambda s, g: np.testing.assert_allclose(s, np.asarray(g) * factor, rtol=1e-5,
                                                        atol=1e-6 * scale * factor), seen, grads)
+
+
+# --- Adam's first moment stored in bfloat16. ------------------------------------------------------------------
+
+
+def _leaf_dtypes(tree) -> set:
+  return {leaf.dtype for leaf in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_first_moment_is_stored_in_the_dtype_asked(diff_v1_params, dtype):
+  tx = optim.make_optimizer(train_config(opt_moments_dtype=dtype, warmup_steps=1, steps=10))
+  state = tx.init(diff_v1_params)
+  grads = jax.tree.map(jnp.ones_like, diff_v1_params)
+  for state in (state, jax.jit(lambda s: _apply(tx, grads, s, diff_v1_params)[1])(state)):
+    assert _leaf_dtypes(_first_moment(state)) == {jnp.dtype(dtype)}
+    # optax has no setting for the second moment: it stays in the parameters' float32.
+    assert _leaf_dtypes(optax.tree_utils.tree_get(state, 'nu')) == {jnp.dtype('float32')}
+
+
+def _train_losses(cfg, moments_dtype: str, steps: int) -> tuple[list[float], dict, dict]:
+  """Losses of `steps` train steps on one batch, with the final state and the state's shardings."""
+  train_cfg = train_config(learning_rate=1e-2, warmup_steps=1, steps=100, decay='constant',
+                           opt_moments_dtype=moments_dtype)
+  tx, mesh = optim.make_optimizer(train_cfg), single_device_mesh()
+  train, _ = train_step.compile_steps(cfg, tx, optim.learning_rate_schedule(train_cfg), train_cfg, mesh)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 17), dtype=np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': np.ones((4, 16), np.float32)}
+  state, losses = sharded_state(cfg, tx, mesh, random_params(cfg)), []
+  for _ in range(steps):
+    state, metrics = train(state, batch)
+    losses.append(float(metrics['loss']))
+  return losses, state, train_step.state_shardings(cfg, tx, mesh)
+
+
+def test_bfloat16_first_moment_trains():
+  cfg = tiny_model()
+  losses, state, shardings = _train_losses(cfg, 'bfloat16', steps=6)
+  # The first step runs at learning rate 0 (warmup starts from zero); every later one lowers the loss.
+  assert all(later < earlier for earlier, later in zip(losses[1:], losses[2:])), losses
+  assert _leaf_dtypes(_first_moment(state['opt_state'])) == {jnp.dtype('bfloat16')}
+  # The shardings describe the same tree as the state, leaf by leaf, and the state carries them.
+  assert jax.tree.structure(shardings) == jax.tree.structure(state)
+  jax.tree.map(lambda leaf, sharding: np.testing.assert_equal(leaf.sharding.is_equivalent_to(sharding, leaf.ndim),
+                                                             True), state, shardings)
+  reference, _, _ = _train_losses(cfg, 'float32', steps=6)
+  np.testing.assert_allclose(losses, reference, rtol=1e-2)

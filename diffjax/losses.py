@@ -1,0 +1,47 @@
+"""The training loss from the final hidden states, a chunk of tokens at a time, without the full logits.
+
+The plain loss asks the model for float32 logits (B, T, V): at a 32k vocabulary and 16x2048 tokens they alone
+take about 4 GiB, and their gradient as much again. Here the tokens are flattened and run through a loop, `chunk` at a
+time; each chunk's logits exist only inside one iteration, and `jax.checkpoint` makes the backward pass recompute
+them rather than keep every chunk's. The logits' memory falls to one chunk's, for one more (chunk, E) x (E, V)
+matmul per chunk in the backward pass.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss: float, chunk: int):
+  """Sums over real tokens: (cross-entropy, z-loss term z * logsumexp^2, token count), as the plain loss gives.
+
+  `hidden_BxTxE` is the model's final-normed output in its compute dtype, `kernel_ExV` the float32 output
+  projection (`model.output_kernel`). Each chunk's logits are computed in the hidden states' dtype with float32
+  accumulation; logsumexp and the sums are float32. Padding (mask 0) contributes nothing, and so do the mask-0
+  rows that fill the last chunk when B*T is not a multiple of `chunk`.
+  """
+  tokens = hidden_BxTxE.shape[0] * hidden_BxTxE.shape[1]
+  chunk = min(chunk, tokens)
+  chunks = -(-tokens // chunk)
+
+  def split(x):
+    """(B, T, ...) -> (chunks, chunk, ...). Chunk i takes tokens i, i + chunks, ...: as with microbatches, every
+    chunk then holds tokens of every batch shard, and the loop runs over an axis no device holds a slice of."""
+    x = x.reshape(tokens, *x.shape[2:])
+    x = jnp.pad(x, [(0, chunks * chunk - tokens)] + [(0, 0)] * (x.ndim - 1))
+    x = x.reshape(chunk, chunks, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+
+  mask_BxT = mask_BxT.astype(jnp.float32)
+  hidden_NxCxE, targets_NxC, chunk_mask_NxC = split(hidden_BxTxE), split(targets_BxT), split(mask_BxT)
+
+  # The kernel enters each chunk in float32 and is cast there, so that its gradient sums over the chunks in float32.
+  @jax.checkpoint
+  def chunk_sums(kernel_ExV, hidden_CxE, targets_C, mask_C):
+    logits_CxV = jnp.dot(hidden_CxE, kernel_ExV.astype(hidden_CxE.dtype), preferred_element_type=jnp.float32)
+    lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
+    target_C = jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
+    return jnp.sum((lse_C - target_C) * mask_C), z_loss * jnp.sum(jnp.square(lse_C) * mask_C)
+
+  ce_N, z_N = jax.lax.map(lambda xs: chunk_sums(kernel_ExV, *xs), (hidden_NxCxE, targets_NxC, chunk_mask_NxC))
+  return jnp.sum(ce_N), jnp.sum(z_N), jnp.sum(mask_BxT)
