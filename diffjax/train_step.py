@@ -22,6 +22,16 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+# What a batch holds (diffjax.data's batches): name -> dtype, each (batch, seq_len).
+BATCH_DTYPES = {'inputs': jnp.int32, 'targets': jnp.int32, 'mask': jnp.float32, 'segment_ids': jnp.int32}
+
+
+def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
+  """ShapeDtypeStructs of a batch, for compiling the steps ahead of time."""
+  return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
+          for key, dtype in BATCH_DTYPES.items()}
+
+
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
   """Shardings of the train state, from the logical axes each parameter was created with."""
   boxed = model_lib.abstract_params(cfg)['params']

@@ -56,12 +56,7 @@ def compile_for(config, topology: str) -> dict:
   tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
   train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
   state = train_step.abstract_state(cfg, tx, mesh)
-  batch_sharding = train_step.batch_sharding(mesh)
-  shape = (tc.global_batch_size, tc.seq_len)
-  batch = {'inputs': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
-           'targets': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding),
-           'mask': jax.ShapeDtypeStruct(shape, 'float32', sharding=batch_sharding),
-           'segment_ids': jax.ShapeDtypeStruct(shape, 'int32', sharding=batch_sharding)}
+  batch = train_step.batch_spec(tc.global_batch_size, tc.seq_len, train_step.batch_sharding(mesh))
   try:
     compiled = train.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program that cannot fit

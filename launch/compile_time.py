@@ -13,7 +13,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from diffjax import defaults, optim, sharding, train_step
 from diffjax.sharding import LOGICAL_AXIS_RULES
@@ -32,9 +31,7 @@ def compile_times(config, vocab_size: int) -> dict:
     jax.jit(functools.partial(train_step.new_state, cfg, tx), out_shardings=shardings).lower(
         jax.random.key(0)).compile()
     init_s = time.perf_counter() - start
-  batch = {key: jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), dtype,
-                                     sharding=train_step.batch_sharding(mesh))
-           for key, dtype in (('inputs', jnp.int32), ('targets', jnp.int32), ('mask', jnp.float32))}
+  batch = train_step.batch_spec(tc.global_batch_size, tc.seq_len, train_step.batch_sharding(mesh))
   train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
   start = time.perf_counter()
   compiled = train.lower(train_step.abstract_state(cfg, tx, mesh), batch).compile()
