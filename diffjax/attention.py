@@ -195,7 +195,7 @@ def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float
 
 def output_stddev(cfg: ModelConfig) -> float:
   # Scaled down with depth, the residual stream's variance stays O(1) at init however many blocks add to it.
-  return 0.02 / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else 0.02
+  return cfg.residual_init_gain * (0.02 / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else 0.02)
 
 
 def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):

@@ -52,6 +52,9 @@ class ModelConfig:
   # Residual-branch output projections (attention out_proj, FFN down_proj) start at N(0, 0.02/sqrt(2 n_layers))
   # (GPT-2, Megatron) if True, at N(0, 0.02) like every other matrix (Hugging Face Llama and DiffLlama) if False.
   scale_residual_init: bool = True
+  # A factor on that init: 0 starts every residual branch at exactly zero output, so at initialisation the stream is
+  # the token embeddings alone (the branches' projections still learn from the first step).
+  residual_init_gain: float = 1.0
   # Token embeddings start at N(0, embed_init_std); with tie_embeddings the output layer shares them.
   embed_init_std: float = 0.02
   # DIFF V1's per-head RMSNorm has a learnable scale (the official code) if True, none (Hugging Face) if False.
@@ -102,6 +105,7 @@ class ModelConfig:
     need(self.rope_theta > 0, 'rope_theta', f'must be positive, got {self.rope_theta}')
     need(self.norm_eps > 0, 'norm_eps', f'must be positive, got {self.norm_eps}')
     need(self.embed_init_std > 0, 'embed_init_std', f'must be positive, got {self.embed_init_std}')
+    need(self.residual_init_gain >= 0, 'residual_init_gain', f'must be zero or positive, got {self.residual_init_gain}')
     need(self.d_model % self.n_heads == 0, 'd_model',
          f'{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple of n_heads')
     need(self.n_heads % self.kv_heads == 0, 'n_kv_heads',

@@ -45,3 +45,10 @@ def test_larger_embeddings_dominate_the_residual_stream(tokens):
   assert large['embedding_rms'] == pytest.approx(1.0, rel=0.1)
   assert large['final_cosine_with_token_embedding'] > max(0.9, small['final_cosine_with_token_embedding'])
   assert np.isfinite([layer['attn_rms'] for layer in small['layers']]).all()
+
+
+def test_zero_residual_init_leaves_the_embeddings_alone(tokens):
+  for variant in ('diff_v1', 'baseline'):
+    zero = init_scales.measure(tiny_config(variant=variant, vocab_size=384, residual_init_gain=0.0), tokens, seed=0)
+    assert all(layer['attn_rms'] == 0.0 and layer['ffn_rms'] == 0.0 for layer in zero['layers'])
+    assert zero['final_cosine_with_token_embedding'] == pytest.approx(1.0, abs=1e-6)
