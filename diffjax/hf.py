@@ -36,7 +36,7 @@ _ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': 
 _VARIANT_OF_MODEL_TYPE = {model_type: variant for variant, (model_type, _) in _ARCHITECTURES.items()}
 # ModelConfig fields a Hugging Face config does not carry; from_hf takes them as keyword arguments.
 IMPORT_SETTINGS = ('rope_pairing', 'subln_scale', 'dtype', 'attention_impl', 'remat', 'remat_policy',
-                   'scale_residual_init')
+                   'scale_residual_init', 'document_mask')
 _LINEARS = (('attn', 'q_proj', 'self_attn', 'q_proj'), ('attn', 'k_proj', 'self_attn', 'k_proj'),
             ('attn', 'v_proj', 'self_attn', 'v_proj'), ('attn', 'out_proj', 'self_attn', 'o_proj'),
             ('ffn', 'gate_proj', 'mlp', 'gate_proj'), ('ffn', 'up_proj', 'mlp', 'up_proj'),
