@@ -56,8 +56,9 @@ def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> State:
   The key is an argument, not a constant of the traced function: with a constant key every initialiser is a
   constant expression, and XLA's GPU compiler spends minutes folding the random draws of a large model.
   """
-  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    create = jax.jit(functools.partial(new_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))
+  shardings = state_shardings(cfg, tx, mesh)  # outside the mesh: there, unboxing would constrain eagerly
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    create = jax.jit(functools.partial(new_state, cfg, tx), out_shardings=shardings)
     return create(jax.random.key(seed))
 
 
@@ -173,12 +174,12 @@ def _in_mesh(fn, mesh):
   """Traces `fn` where logical activation constraints can resolve against the mesh."""
   @functools.wraps(fn)
   def wrapped(*args):
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
       return fn(*args)
   wrapped.lower = lambda *args: _lower_in_mesh(fn, mesh, *args)
   return wrapped
 
 
 def _lower_in_mesh(fn, mesh, *args):
-  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     return fn.lower(*args)

@@ -26,7 +26,7 @@ def compile_times(config, vocab_size: int) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
   shardings = train_step.state_shardings(cfg, tx, mesh)
-  with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     start = time.perf_counter()
     jax.jit(functools.partial(train_step.new_state, cfg, tx), out_shardings=shardings).lower(
         jax.random.key(0)).compile()
