@@ -1,6 +1,7 @@
 """The paper's 3B model: 28 layers, width 3072, FFN 8192, 12 DIFF heads of d=128, sequence 4096, 4M-token batches,
 lr 3.2e-4, warmup 1000, weight decay 0.1, AdamW betas (0.9, 0.95); 250,000 steps = 1T tokens. The batch runs in 128
-microbatches of 8 sequences, so that a step fits an 8-chip TPU slice; on more devices lower train.microbatches."""
+microbatches of 8 sequences, which leaves room on an 8-chip TPU slice (32 fit there too: see the README's table of
+memory per chip); on more devices lower train.microbatches."""
 
 from diffjax.defaults import base_config, recipe_data
 
