@@ -100,6 +100,11 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
          f'{tokenizers.SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
 
 
+def tokenizer_vocab_size(data_cfg) -> int:
+  """The configured tokenizer's vocabulary size, known from the config alone, before any tokenizer is built."""
+  return tokenizers.ByteTokenizer.vocab_size if data_cfg.tokenizer == 'byte' else data_cfg.sp_vocab_size
+
+
 def data_root(data_cfg) -> str:
   return os.path.abspath(os.path.expanduser(
       data_cfg.data_dir or os.environ.get('DIFFJAX_DATA_DIR') or os.path.join('~', '.cache', 'diffjax')))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from diffjax import attention, defaults, sharding, tokenizers
+from diffjax import attention, defaults, sharding
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
 from diffjax import model as model_lib
@@ -73,8 +73,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
 
   data_lib.validate_data_config(config.data)
   # The tokenizer is not built yet, but its vocabulary size is known from the config.
-  vocab_size = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte'
-                else config.data.sp_vocab_size)
+  vocab_size = data_lib.tokenizer_vocab_size(config.data)
   if 0 < config.model.vocab_size < vocab_size:  # token ids past the embedding would be read as garbage
     raise ConfigError(f'model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
                       'tokens; set at least that, or 0 for the tokenizer\'s size rounded up to a multiple of 128')

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffjax import cli, defaults, optim, sharding, tokenizers, train_step  # noqa: E402
+from diffjax import cli, data, defaults, optim, sharding, train_step  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/paper_1_4b.py.',
@@ -49,7 +49,7 @@ def topology_devices(name: str):
 
 def compile_for(config, topology: str) -> dict:
   libtpu_name, devices = topology_devices(topology)
-  vocab = config.data.sp_vocab_size if config.data.tokenizer == 'sentencepiece' else tokenizers.ByteTokenizer.vocab_size
+  vocab = data.tokenizer_vocab_size(config.data)
   cfg = defaults.model_config(config, vocab)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh, devices=devices)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import defaults, generate, inference, model, tokenizers
+from diffjax import data, defaults, generate, inference, model
 
 
 def load_config(path):
@@ -29,7 +29,7 @@ def load_config(path):
 
 
 def vocab_size_of(config) -> int:
-  return tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte' else config.data.sp_vocab_size
+  return data.tokenizer_vocab_size(config.data)
 
 
 def random_params(cfg):

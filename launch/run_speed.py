@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from diffjax import metrics, tokenizers
+from diffjax import data, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'launch'))
@@ -114,7 +114,7 @@ def main():
   os.makedirs(args.root, exist_ok=True)
   config = bench_train.load_config(args.config)
   bench_train.apply_overrides(config, args.set)
-  vocab = (tokenizers.ByteTokenizer.vocab_size if config.data.tokenizer == 'byte' else config.data.sp_vocab_size)
+  vocab = data.tokenizer_vocab_size(config.data)
   variant = config.model.variant
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   sampler = GpuSampler(os.path.join(args.root, 'gpu.csv'))
