@@ -368,11 +368,7 @@ class InputPipeline:
     return batches
 
   def _to_batch(self, rows) -> Batch:
-    tokens = np.stack(rows)
-    targets = np.ascontiguousarray(tokens[:, 1:])
-    inputs = np.ascontiguousarray(tokens[:, :-1])
-    return {'inputs': inputs, 'targets': targets, 'mask': (targets != self.tokenizer.pad_id).astype(np.float32),
-            'segment_ids': segment_ids(inputs, self.tokenizer.eos_id)}
+    return batch_of_rows(np.stack(rows), self.tokenizer)
 
 
 class TrainIterator:
@@ -446,6 +442,13 @@ class TrainIterator:
       self._stop.set()
       self._thread.join(timeout=5)
       self._thread = None
+
+
+def batch_of_rows(rows_BxL: np.ndarray, tokenizer: tokenizers.Tokenizer) -> Batch:
+  """The batch (module docstring) of rows of seq_len + 1 tokens that overlap their neighbours by one."""
+  inputs, targets = np.ascontiguousarray(rows_BxL[:, :-1]), np.ascontiguousarray(rows_BxL[:, 1:])
+  return {'inputs': inputs, 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32),
+          'segment_ids': segment_ids(inputs, tokenizer.eos_id)}
 
 
 def segment_ids(inputs_BxT: np.ndarray, eos_id: int) -> np.ndarray:

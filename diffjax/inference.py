@@ -129,10 +129,7 @@ def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int
     rows.append(np.concatenate([row, np.full(seq_len + 1 - len(row), tokenizer.pad_id)]))
   rows += [np.full(seq_len + 1, tokenizer.pad_id)] * (-len(rows) % batch_size)
   for start in range(0, len(rows), batch_size):
-    block = np.stack(rows[start:start + batch_size]).astype(np.int32)
-    targets = block[:, 1:]
-    yield {'inputs': block[:, :-1], 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32),
-           'segment_ids': data_lib.segment_ids(block[:, :-1], tokenizer.eos_id)}
+    yield data_lib.batch_of_rows(np.stack(rows[start:start + batch_size]).astype(np.int32), tokenizer)
 
 
 def summary(totals: dict) -> dict:
