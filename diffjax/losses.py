@@ -16,8 +16,8 @@ def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss
   """Sums over real tokens: (cross-entropy, z-loss term z * logsumexp^2, token count), as the plain loss gives.
 
   `hidden_BxTxE` is the model's final-normed output in its compute dtype, `kernel_ExV` the float32 output
-  projection (`model.output_kernel`). Each chunk's logits are computed in the hidden states' dtype with float32
-  accumulation; logsumexp and the sums are float32. Padding (mask 0) contributes nothing, and so do the mask-0
+  projection (`model.output_kernel`). Each chunk's logits are computed in the hidden states' dtype, as the model's
+  head computes them; logsumexp and the sums are float32. Padding (mask 0) contributes nothing, and so do the mask-0
   rows that fill the last chunk when B*T is not a multiple of `chunk`.
   """
   tokens = hidden_BxTxE.shape[0] * hidden_BxTxE.shape[1]
@@ -36,9 +36,11 @@ def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss
   hidden_NxCxE, targets_NxC, chunk_mask_NxC = split(hidden_BxTxE), split(targets_BxT), split(mask_BxT)
 
   # The kernel enters each chunk in float32 and is cast there, so that its gradient sums over the chunks in float32.
+  # The logits leave the matmul in the compute dtype, as the model's own head gives them: a float32 result would make
+  # the backward pass's two matmuls float32 too, several times slower on GPUs than the rest of the step.
   @jax.checkpoint
   def chunk_sums(kernel_ExV, hidden_CxE, targets_C, mask_C):
-    logits_CxV = jnp.dot(hidden_CxE, kernel_ExV.astype(hidden_CxE.dtype), preferred_element_type=jnp.float32)
+    logits_CxV = jnp.dot(hidden_CxE, kernel_ExV.astype(hidden_CxE.dtype)).astype(jnp.float32)
     lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
     target_C = jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
     return jnp.sum((lse_C - target_C) * mask_C), z_loss * jnp.sum(jnp.square(lse_C) * mask_C)

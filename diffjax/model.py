@@ -82,10 +82,13 @@ class Transformer(nn.Module):
       raise ValueError('Transformer with a KV cache takes no segment ids: generation continues one document')
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name='embed',
+    # The lookup reads the float32 table, not a compute-dtype copy: its backward pass scatter-adds the gradient
+    # into the table, and a 16-bit scatter-add is very slow on GPUs when many updates hit the same rows, which real
+    # text does (a few bytes or Zipfian tokens carry most of it). The stream is float32 from here on anyway.
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32, name='embed',
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.embed_init_std),
                                                                  ('vocab', 'embed')))
-    x_BxTxE = embed(tokens_BxT).astype(jnp.float32)
+    x_BxTxE = embed(tokens_BxT)
     block = block_class(cfg)
     new_cache = []
     if cfg.scan_layers:
@@ -104,8 +107,8 @@ class Transformer(nn.Module):
     x_BxTxE = RMSNorm(cfg.norm_eps, name='final_norm')(x_BxTxE).astype(cfg.compute_dtype)
     if return_hidden:
       return x_BxTxE if cache is None else (x_BxTxE, new_cache)
-    if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(x_BxTxE)
+    if cfg.tie_embeddings:  # in the compute dtype, as an untied head: `embed.attend` would now compute in float32
+      logits_BxTxV = jnp.dot(x_BxTxE, embed.embedding.T.astype(cfg.compute_dtype))
     else:
       logits_BxTxV = dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BxTxE)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)

@@ -95,9 +95,12 @@ def say(message: str):
 class Run:
   """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    """Makes this process the workdir's one writer (readers open runs with `inference.open_run` instead)."""
-    self.started = time.perf_counter()
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, launched: float | None = None):
+    """Makes this process the workdir's one writer (readers open runs with `inference.open_run` instead).
+
+    `launched`: the `time.perf_counter()` of the process's launch, from which `startup_s` counts (default: now).
+    """
+    self.started = time.perf_counter() if launched is None else launched
     self.config, self.workdir = config, os.path.abspath(workdir)
     workdir_lib.claim(self.workdir)
     self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
@@ -112,6 +115,7 @@ class Run:
                                          batch_size=tc.global_batch_size // jax.process_count(),
                                          seed=config.seed, workdir=self.workdir,
                                          shard=(jax.process_index(), jax.process_count()), barrier=barrier)
+    self.startup = {'data_ready_s': time.perf_counter() - self.started}
     self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
@@ -184,7 +188,8 @@ class Run:
     config, tc, log = self.config, self.config.train, self.config.log
     os.makedirs(self.workdir, exist_ok=True)
     iterator = self.pipeline.train_iterator(to_device=self._to_device)
-    step, state = self.initial_state(iterator)
+    step, state = jax.block_until_ready(self.initial_state(iterator))
+    self.startup['state_ready_s'] = time.perf_counter() - self.started
     if jax.process_index() == 0:  # only now: a workdir of another run keeps its config.json
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         json.dump(config.to_dict(), f, indent=2)
@@ -224,7 +229,8 @@ class Run:
         self.checkpoints.check()  # a failed asynchronous save ends the run before another step
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
-          writer.write(step, {'first_step_s': time.perf_counter() - window_start,
+          # Seconds from launch at which the data, the state and the first step (compiled and run) were ready.
+          writer.write(step, {**self.startup, 'first_step_s': time.perf_counter() - window_start,
                               'startup_s': time.perf_counter() - self.started})
           restart_window(step)
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.

@@ -1,11 +1,16 @@
-"""Times the full train step of a config for each variant on random tokens: tokens/s, MFU and memory.
+"""Times the full train step of a config for each variant: tokens/s, MFU and memory, on real text or random tokens.
 
-  python launch/bench_train.py --config configs/seed.py --batch 16 --microbatches 1 --steps 20
+  python launch/bench_train.py --config configs/seed.py --batch 64 --data 'corpus_en/*.txt.gz' --steps 50
+  python launch/bench_train.py --config configs/seed.py --batch 16 --data config   # the config's own data section
   python launch/bench_train.py --config configs/seed.py --batch 16 --loss_chunk_tokens 8192 --remat 1 \
       --remat_policy dots --opt_moments_dtype bfloat16   # the memory options, each can be set alone
 
 Uses the same compiled step, shardings and mesh as training (`diffjax.train_step`), so the numbers are those
-of `python -m diffjax.train` minus the input pipeline. Prints a table and writes JSON (`--out`).
+of `python -m diffjax.train` minus the input pipeline. With `--data` the step runs on real batches of that corpus
+(prepared first where needed, as training prepares it), each timed step on another batch: some costs depend on the
+tokens (a scatter-add into rows that many tokens share, for one), and random tokens spread evenly hide them. Without
+it, random tokens over `--vocab`. The first line of the table names the data. Prints a table and writes JSON
+(`--out`).
 """
 
 import argparse
@@ -16,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from diffjax import checkpoint, defaults, metrics, model, optim, sharding, train_step
+from diffjax import checkpoint, data, defaults, metrics, model, optim, sharding, train_step
 
 
 def load_config(path):
@@ -45,10 +50,34 @@ def _parse(text: str, current):
   return text
 
 
-def bench(config, variant, vocab_size, steps, init_from=''):
+class RandomTokens:
+  """One batch of tokens drawn uniformly from the vocabulary, one document per row."""
+
+  def __init__(self, vocab_size: int, batch: int, seq_len: int):
+    rng = np.random.default_rng(0)
+    shape = (batch, seq_len)
+    self.vocab_size, self.name = vocab_size, f'random tokens (uniform over {vocab_size:,})'
+    self.host_batches = [{'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
+                          'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
+                          'mask': np.ones(shape, np.float32), 'segment_ids': np.zeros(shape, np.int32)}]
+
+
+class CorpusBatches:
+  """The first `count` batches of a config's training stream, read from its prepared corpus."""
+
+  def __init__(self, config, count: int):
+    tc = config.train
+    pipeline = data.build_input(config.data, seq_len=tc.seq_len, batch_size=tc.global_batch_size,
+                                seed=config.seed, workdir=None)
+    stream = pipeline.train_batches()
+    self.vocab_size, self.name = pipeline.tokenizer.vocab_size, pipeline.identity
+    self.host_batches = [stream[i] for i in range(count)]
+
+
+def bench(config, variant, batches, steps, init_from=''):
   config = config.copy_and_resolve_references()
   config.model.variant = variant
-  cfg = defaults.model_config(config, vocab_size)
+  cfg = defaults.model_config(config, batches.vocab_size)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
@@ -60,30 +89,26 @@ def bench(config, variant, vocab_size, steps, init_from=''):
     abstract = train_step.abstract_state(cfg, tx, mesh)['params']
     state['params'] = checkpoint.load_params(init_from, abstract, train_step.state_shardings(cfg, tx, mesh)['params'])
   train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
-  rng = np.random.default_rng(0)
-  shape = (tc.global_batch_size, tc.seq_len)
-  batch = jax.device_put({'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
-                          'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
-                          'mask': np.ones(shape, np.float32),
-                          'segment_ids': np.zeros(shape, np.int32)},  # one document per row
-                         train_step.batch_sharding(mesh))
+  # On the devices before the clock starts: the input pipeline's time is not the step's.
+  device_batches = jax.device_put(batches.host_batches, train_step.batch_sharding(mesh))
   start = time.perf_counter()
-  compiled = train.lower(state, batch).compile()
+  compiled = train.lower(state, device_batches[0]).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   start = time.perf_counter()
-  state, out = train(state, batch)
+  state, out = train(state, device_batches[0])
   jax.block_until_ready(out)
   compile_and_first = time.perf_counter() - start
   start = time.perf_counter()
-  for _ in range(steps):
-    state, out = train(state, batch)
+  for i in range(steps):
+    state, out = train(state, device_batches[(i + 1) % len(device_batches)])
   jax.block_until_ready(out)
   seconds = (time.perf_counter() - start) / steps
   tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
   peak = metrics.peak_flops_per_device(config.log.peak_flops_per_device)
   stats = jax.devices()[0].memory_stats() or {}
-  return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+  return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind,
+          'devices': jax.device_count(), 'data': batches.name, 'vocab_size': cfg.vocab_size,
           'params': model.count_params(state['params']), 'batch': tc.global_batch_size, 'seq_len': tc.seq_len,
           'microbatches': tc.microbatches, 'attention_impl': cfg.attention_impl,
           'remat': cfg.remat_policy if cfg.remat else 'off', 'loss_chunk_tokens': tc.loss_chunk_tokens,
@@ -101,7 +126,10 @@ def main():
   parser.add_argument('--batch', type=int, default=16, help='global batch in sequences')
   parser.add_argument('--microbatches', type=int, default=1)
   parser.add_argument('--seq', type=int, default=0, help='sequence length (0: the config\'s)')
-  parser.add_argument('--vocab', type=int, default=32_000)
+  parser.add_argument('--data', default='',
+                      help="real text to time on: a folder, file or glob of .txt or .txt.gz files, or 'config' for "
+                           "the config's data section (with --set data.*); empty: random tokens over --vocab")
+  parser.add_argument('--vocab', type=int, default=32_000, help='vocabulary of the random tokens (without --data)')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--impl', default='', help='model.attention_impl override')
   parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
@@ -134,12 +162,18 @@ def main():
     config.train.loss_chunk_tokens = args.loss_chunk_tokens
   if args.opt_moments_dtype:
     config.train.opt_moments_dtype = args.opt_moments_dtype
+  if args.data and args.data != 'config':
+    config.data.update(source='local', text_glob=args.data)
+  # One real batch per timed step (the first also compiles), so the timing sees the corpus's spread of tokens.
+  batches = CorpusBatches(config, args.steps + 1) if args.data else RandomTokens(args.vocab, args.batch,
+                                                                                  config.train.seq_len)
   variants = args.variants.split(',')
-  rows = [bench(config, v, args.vocab, args.steps) for v in variants]
+  rows = [bench(config, v, batches, args.steps) for v in variants]
   if args.init_from:
-    rows.append(bench(config, variants[0], args.vocab, args.steps, args.init_from))
+    rows.append(bench(config, variants[0], batches, args.steps, args.init_from))
+  print(f'data: {batches.name}')
   print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {args.config}, batch {args.batch} x {rows[0]["seq_len"]}, '
-        f'microbatches {args.microbatches}, vocab {args.vocab}, remat {rows[0]["remat"]}, '
+        f'microbatches {args.microbatches}, vocab {rows[0]["vocab_size"]}, remat {rows[0]["remat"]}, '
         f'loss chunk {rows[0]["loss_chunk_tokens"] or "off"}, moments {rows[0]["opt_moments_dtype"]}')
   print(f'{"variant":<19} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
         f'{"init s":>7} {"compile s":>9}')

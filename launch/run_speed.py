@@ -4,8 +4,8 @@
       --set data.source=local --set data.text_glob=corpus_en --set data.tokenizer=byte \
       --set train.global_batch_size=64 --set train.microbatches=1
 
-First `launch/bench_train.py` times the compiled step on random tokens (same config, same shardings); then one
-training runs alone, then `--sharing` trainings run at once on the same accelerator. From each run's
+First `launch/bench_train.py` times the compiled step on the run's own data (same config, same shardings, the first
+batches of the same training stream); then one training runs alone, then `--sharing` trainings run at once on the same accelerator. From each run's
 `metrics.jsonl` it takes the median tokens/s over steps [--from_step, --steps], its ratio to the step alone, the
 trend (the median of the last `--trend_steps` steps against that of the first `--trend_steps` of the window) and
 the median input wait. Where `nvidia-smi` exists, the GPU's clock, temperature and power are sampled every second
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from diffjax import data, metrics
+from diffjax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'launch'))
@@ -114,15 +114,14 @@ def main():
   os.makedirs(args.root, exist_ok=True)
   config = bench_train.load_config(args.config)
   bench_train.apply_overrides(config, args.set)
-  vocab = data.tokenizer_vocab_size(config.data)
   variant = config.model.variant
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   sampler = GpuSampler(os.path.join(args.root, 'gpu.csv'))
   try:
     bench_json = os.path.join(args.root, 'bench_train.json')
     subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'bench_train.py'), f'--config={args.config}',
-                    f'--variants={variant}', f'--batch={config.train.global_batch_size}',
-                    f'--microbatches={config.train.microbatches}', f'--vocab={vocab}', f'--steps={args.bench_steps}',
+                    f'--variants={variant}', f'--batch={config.train.global_batch_size}', '--data=config',
+                    f'--microbatches={config.train.microbatches}', f'--steps={args.bench_steps}',
                     f'--out={bench_json}', *(f'--set={item}' for item in args.set)], check=True, env=env, cwd=REPO)
     with open(bench_json) as f:
       step_speed = json.load(f)[0]['tokens_per_s']

@@ -82,12 +82,17 @@ def run_overrides(corpus: pathlib.Path, data_dir: pathlib.Path, **overrides) -> 
   return values
 
 
-def load_config(overrides: dict) -> ml_collections.ConfigDict:
-  """configs/tiny.py with dotted-key overrides applied, as the CLI would build it."""
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY_CONFIG)
+def load_config_file(path: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a file in configs/ returns."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config()
+
+
+def load_config(overrides: dict) -> ml_collections.ConfigDict:
+  """configs/tiny.py with dotted-key overrides applied, as the CLI would build it."""
+  config = load_config_file(TINY_CONFIG)
   for dotted, value in overrides.items():
     *parents, key = dotted.split('.')
     section = config

@@ -28,6 +28,10 @@ def test_alone_and_sharing_runs_are_measured_against_the_step(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((root / 'run_speed.json').read_text())
   assert report['step_tokens_per_s'] > 0 and report['window'] == [4, 16]
+  # The step alone was timed on the runs' own corpus and tokenizer, not on random tokens.
+  bench = json.loads((root / 'bench_train.json').read_text())[0]
+  assert bench['data'].startswith('corpus (4 files,') and bench['data'].endswith('bytes, seq 64'), bench['data']
+  assert bench['vocab_size'] == 384
   assert [r['run'] for r in report['runs']] == ['alone', '2 sharing #0', '2 sharing #1']
   for row in report['runs']:
     assert row['records'] == 7  # steps 4, 6, ..., 16
