@@ -18,15 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import pallas_attention
-from diffjax.config import ModelConfig
+from diffjax.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
 from diffjax.errors import ConfigError
 
 _MASKED = jnp.finfo(jnp.float32).min
-
-
-def lambda_init_for(layer):
-  """λ_init of the paper for the 0-based layer index `layer` (a Python int, or a traced index under scan)."""
-  return 0.8 - 0.6 * (math.exp(-0.3 * layer) if isinstance(layer, int) else jnp.exp(-0.3 * layer))
 
 
 def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
@@ -165,11 +160,11 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
 LAMBDA_VECTORS = ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')
 
 
-def reparameterised_lambda(attn_params, layer):
+def reparameterised_lambda(attn_params, layer, lambda_init_schedule=PAPER_LAMBDA_INIT):
   """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init in float32; one scalar shared by all heads of the layer."""
   p = {n: jnp.asarray(attn_params[n], jnp.float32) for n in LAMBDA_VECTORS}
   return (jnp.exp(jnp.sum(p['lambda_q1'] * p['lambda_k1'])) - jnp.exp(jnp.sum(p['lambda_q2'] * p['lambda_k2']))
-          + lambda_init_for(layer))
+          + lambda_init_for(layer, lambda_init_schedule))
 
 
 class RMSNorm(nn.Module):
@@ -236,14 +231,17 @@ def _positions(x_BxTxE, positions_BxT, cache):
 
 
 class DiffAttentionV1(nn.Module):
-  """DIFF V1: n_heads/2 differential heads, λ re-parameterised per layer, per-head RMSNorm, ×(1 − λ_init)."""
+  """DIFF V1: n_heads/2 differential heads, λ re-parameterised per layer, per-head RMSNorm, ×(1 − λ_init).
+
+  With `diff_head_norm=False` (the paper's ablation) the heads' (A1 − λ A2) V goes to W_o as it is.
+  """
   cfg: ModelConfig
   layer: int
 
   def lam(self):
     init = nn.with_logical_partitioning(nn.initializers.normal(0.1), ('head_dim',))
     return reparameterised_lambda({n: self.param(n, init, (self.cfg.head_dim,), jnp.float32) for n in LAMBDA_VECTORS},
-                                  self.layer)
+                                  self.layer, self.cfg.lambda_init_schedule)
 
   @nn.compact
   def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
@@ -256,8 +254,9 @@ class DiffAttentionV1(nn.Module):
                                                                       cache)
     out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS,
                                      segment_ids_BxT)
-    out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
-    out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer))
+    if cfg.diff_head_norm:
+      out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
+      out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer, cfg.lambda_init_schedule))
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
         out_BxTxHx2D.reshape(b, t, heads * 2 * d))
     return out_BxTxE if cache is None else (out_BxTxE, cache)

@@ -59,7 +59,7 @@ def maps_from_input(cfg: ModelConfig, attn_params, x_BxTxE, layer: int, rows_R=N
     k_c = k_BxTxKxD[:, :, 2 * np.array([group(h, heads, groups) for h in range(heads)]) + c]
     logits = jnp.einsum('brhd,bshd->bhrs', q_BxRxNxD[:, :, c::2], k_c) * d ** -0.5
     maps[name] = attention._causal_softmax(logits, visible_RxT)
-  maps['lambda'] = attention.reparameterised_lambda(p, layer)
+  maps['lambda'] = attention.reparameterised_lambda(p, layer, cfg.lambda_init_schedule)
   maps['diff'] = maps['a1'] - maps['lambda'] * maps['a2']
   return maps
 

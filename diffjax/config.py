@@ -1,6 +1,7 @@
 """The model's hyper-parameters as one frozen dataclass, checked before anything is compiled."""
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -16,6 +17,15 @@ ROPE_PAIRINGS = ('interleaved', 'half')
 # keeps the projections' outputs but not the (T, T) attention maps.
 REMAT_POLICIES = {'nothing': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# (deep, drop, rate) of DIFF V1's λ_init schedule (below): the paper's 0.8 - 0.6 exp(-0.3 l).
+PAPER_LAMBDA_INIT = (0.8, 0.6, 0.3)
+
+
+def lambda_init_for(layer, schedule=PAPER_LAMBDA_INIT):
+  """DIFF V1's λ_init = deep - drop * exp(-rate * layer) for the 0-based `layer` (a Python int, or a traced index
+  under scan), with (deep, drop, rate) = `schedule` (`ModelConfig.lambda_init_schedule`)."""
+  deep, drop, rate = schedule
+  return deep - drop * (math.exp(-rate * layer) if isinstance(layer, int) else jnp.exp(-rate * layer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +73,14 @@ class ModelConfig:
   # (a new segment at each EOS) and a token attends only to earlier tokens of its own document. False: plain
   # causal attention over the whole row, documents separated by EOS alone.
   document_mask: bool = False
+  # DIFF V1's ablations (the paper's Table 6). False: no per-head RMSNorm, and so no (1 - λ_init) factor either,
+  # which the paper gives as that norm's fixed scale (the row "w/o GroupNorm").
+  diff_head_norm: bool = True
+  # λ_init(l) = lambda_init - lambda_init_drop * exp(-lambda_init_rate * l). Three numbers rather than one tuple:
+  # JSON turns a tuple into a list, and a resumed run's saved config would then differ from its own.
+  lambda_init: float = PAPER_LAMBDA_INIT[0]  # the value deep layers approach
+  lambda_init_drop: float = PAPER_LAMBDA_INIT[1]  # how far below it layer 0 starts; 0: lambda_init in every layer
+  lambda_init_rate: float = PAPER_LAMBDA_INIT[2]  # how fast, per layer, the drop fades
 
   @property
   def kv_heads(self) -> int:
@@ -75,6 +93,11 @@ class ModelConfig:
   @property
   def compute_dtype(self) -> Any:
     return DTYPES[self.dtype]
+
+  @property
+  def lambda_init_schedule(self) -> tuple[float, float, float]:
+    """(deep, drop, rate) of DIFF V1's λ_init(l) = deep - drop * exp(-rate * l)."""
+    return self.lambda_init, self.lambda_init_drop, self.lambda_init_rate
 
   @classmethod
   def from_dict(cls, values) -> 'ModelConfig':
@@ -119,4 +142,17 @@ class ModelConfig:
     need(self.head_dim % 2 == 0, 'd_model',
          f'head width d_model/n_heads={self.d_model}/{self.n_heads} is odd; RoPE rotates pairs of channels, '
          'so make it even')
+    need(isinstance(self.diff_head_norm, bool), 'diff_head_norm', f'must be True or False, got {self.diff_head_norm!r}')
+    for key in ('lambda_init', 'lambda_init_drop', 'lambda_init_rate'):
+      value = getattr(self, key)
+      need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+           f'must be a finite number, got {value!r}')
+    need(self.lambda_init_rate >= 0, 'lambda_init_rate',
+         f'must be zero or positive (a negative rate makes λ_init fall without bound with depth), '
+         f'got {self.lambda_init_rate}')
+    if self.variant == 'diff_v1' and self.diff_head_norm:
+      highest = max(range(self.n_layers), key=lambda layer: lambda_init_for(layer, self.lambda_init_schedule))
+      value = lambda_init_for(highest, self.lambda_init_schedule)
+      need(value < 1.0, 'lambda_init', f'λ_init reaches {value:.4g} at layer {highest}, where the output scale '
+           '(1 - λ_init) would be zero or negative; keep λ_init below 1 in every layer')
     return self

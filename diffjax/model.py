@@ -168,7 +168,8 @@ def lambdas(cfg: ModelConfig, params) -> list | None:
   if cfg.variant != 'diff_v1':
     return None
   params = unstack_layers(cfg, params)
-  return [reparameterised_lambda(params[f'block_{layer}']['attn'], layer) for layer in range(cfg.n_layers)]
+  return [reparameterised_lambda(params[f'block_{layer}']['attn'], layer, cfg.lambda_init_schedule)
+          for layer in range(cfg.n_layers)]
 
 
 def summary(cfg: ModelConfig) -> str:

@@ -30,9 +30,14 @@ MISTAKES = (
 )
 
 
-def lambda_init(layer):
-  """The paper's λ_init for the 0-based layer index."""
-  return 0.8 - 0.6 * math.exp(-0.3 * layer)
+# (deep, drop, rate) of the paper's λ_init(l) = 0.8 - 0.6 exp(-0.3 l).
+PAPER_SCHEDULE = (0.8, 0.6, 0.3)
+
+
+def lambda_init(layer, schedule=PAPER_SCHEDULE):
+  """λ_init = deep - drop * exp(-rate * layer) for the 0-based layer index; the paper's by default."""
+  deep, drop, rate = schedule
+  return deep - drop * math.exp(-rate * layer)
 
 
 def rms_norm(x, scale, eps=EPS):
@@ -85,8 +90,12 @@ def _positions(x):
 
 
 def diff_v1_core(x, w_q, w_k, w_v, w_o, lambda_vectors, subln_scale, *, num_heads, num_kv_heads, layer, theta,
-                 pairing, positions=None, mistake=None):
-  """One DIFF V1 layer from (in, out) projection matrices; `lambda_vectors` = (λq1, λk1, λq2, λk2)."""
+                 pairing, positions=None, mistake=None, head_norm=True, schedule=PAPER_SCHEDULE):
+  """One DIFF V1 layer from (in, out) projection matrices; `lambda_vectors` = (λq1, λk1, λq2, λk2).
+
+  The paper's ablations: `head_norm=False` leaves out the per-head norm and its fixed scale (1 - λ_init), so
+  (A1 - λ A2) V meets W_o directly; `schedule` = (deep, drop, rate) of λ_init.
+  """
   if mistake is not None and mistake not in MISTAKES:
     raise ValueError(mistake)
   positions = _positions(x) if positions is None else positions
@@ -116,7 +125,7 @@ def diff_v1_core(x, w_q, w_k, w_v, w_o, lambda_vectors, subln_scale, *, num_head
   q, k = rope(q, positions, theta, pairing), rope(k, positions, theta, pairing)
 
   depth = layer + 1 if mistake == 'one_based_depth' else layer
-  lam_init = lambda_init(depth)
+  lam_init = lambda_init(depth, schedule)
   lam = math.exp(np.dot(lq1, lk1)) - math.exp(np.dot(lq2, lk2)) + lam_init
   scale = 1.0 / math.sqrt(2 * d if mistake == 'scale_two_d' else d)
 
@@ -138,6 +147,8 @@ def diff_v1_core(x, w_q, w_k, w_v, w_o, lambda_vectors, subln_scale, *, num_head
     else:
       heads.append(a1v - lam * a2v)
   out = np.stack(heads, axis=2)  # (B, T, H, 2d)
+  if not head_norm:
+    return out.reshape(b, t, e) @ w_o
   if mistake == 'norm_over_width':
     out = rms_norm(out.reshape(b, t, e), np.tile(subln_scale, num_heads)).reshape(out.shape)
   elif mistake != 'norm_before_subtraction':
@@ -148,12 +159,14 @@ def diff_v1_core(x, w_q, w_k, w_v, w_o, lambda_vectors, subln_scale, *, num_head
 
 
 def diff_v1_attention(p, x, *, num_heads, num_kv_heads, layer, theta=10000.0, pairing='interleaved',
-                      positions=None, mistake=None):
-  """DIFF V1 from the Flax parameters of one layer (q_proj/kernel ..., lambda_q1 ..., subln/scale)."""
+                      positions=None, mistake=None, head_norm=True, schedule=PAPER_SCHEDULE):
+  """DIFF V1 from the Flax parameters of one layer (q_proj/kernel ..., lambda_q1 ..., subln/scale); without the
+  head norm there is no subln."""
   return diff_v1_core(x, p['q_proj']['kernel'], p['k_proj']['kernel'], p['v_proj']['kernel'],
                       p['out_proj']['kernel'], [p[n] for n in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')],
-                      p['subln']['scale'], num_heads=num_heads, num_kv_heads=num_kv_heads, layer=layer,
-                      theta=theta, pairing=pairing, positions=positions, mistake=mistake)
+                      p['subln']['scale'] if head_norm else None, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                      layer=layer, theta=theta, pairing=pairing, positions=positions, mistake=mistake,
+                      head_norm=head_norm, schedule=schedule)
 
 
 def diff_v1_from_state_dict(sd, x, *, num_heads, num_kv_heads, depth, theta=10000.0, pairing='interleaved'):
@@ -200,15 +213,17 @@ def baseline_attention(p, x, *, num_heads, num_kv_heads, theta=10000.0, pairing=
   return softmax_attention(q, k, v).reshape(b, t, e) @ p['out_proj']['kernel']
 
 
-def attention_layer(variant, p, x, *, n_heads, n_kv_heads, layer, theta=10000.0, pairing='interleaved'):
+def attention_layer(variant, p, x, *, n_heads, n_kv_heads, layer, theta=10000.0, pairing='interleaved',
+                    head_norm=True, schedule=PAPER_SCHEDULE):
   """One attention layer with heads counted as the baseline's (diffjax's ModelConfig convention).
 
   DIFF V1 with the baseline's width and head width has n_heads/2 differential heads (and n_kv_heads/2 kv
-  groups); DIFF V2 pairs 2 n_heads query heads into n_heads differential heads.
+  groups); DIFF V2 pairs 2 n_heads query heads into n_heads differential heads. `head_norm` and `schedule` are
+  DIFF V1's ablations (see diff_v1_core).
   """
   if variant == 'diff_v1':
     return diff_v1_attention(p, x, num_heads=n_heads // 2, num_kv_heads=n_kv_heads // 2, layer=layer, theta=theta,
-                             pairing=pairing)
+                             pairing=pairing, head_norm=head_norm, schedule=schedule)
   if variant == 'diff_v2':
     return diff_v2_attention(p, x, num_heads=n_heads, num_kv_heads=n_kv_heads, theta=theta, pairing=pairing)
   if variant == 'baseline':
@@ -225,14 +240,15 @@ def swiglu(p, x):
 
 
 def decoder(p, tokens, *, variant, n_layers, n_heads, n_kv_heads, theta=10000.0, pairing='interleaved',
-            tie_embeddings=False, eps=EPS):
+            tie_embeddings=False, eps=EPS, head_norm=True, schedule=PAPER_SCHEDULE):
   """Logits (B, T, vocab) of the pre-RMSNorm decoder: embed, blocks, final norm, lm_head or tied embedding."""
   table = p['embed']['embedding']
   x = table[tokens]
   for layer in range(n_layers):
     block = p[f'block_{layer}']
     x = x + attention_layer(variant, block['attn'], rms_norm(x, block['attn_norm']['scale'], eps), n_heads=n_heads,
-                            n_kv_heads=n_kv_heads, layer=layer, theta=theta, pairing=pairing)
+                            n_kv_heads=n_kv_heads, layer=layer, theta=theta, pairing=pairing, head_norm=head_norm,
+                            schedule=schedule)
     x = x + swiglu(block['ffn'], rms_norm(x, block['ffn_norm']['scale'], eps))
   x = rms_norm(x, p['final_norm']['scale'], eps)
   return x @ table.T if tie_embeddings else x @ p['lm_head']['kernel']

@@ -46,7 +46,8 @@ def _reference_output(cfg, layer, params, x, positions=None):
   if cfg.variant == 'diff_v1':
     # n_heads counts the baseline's heads: DIFF V1 has half as many differential heads and kv groups.
     return reference.diff_v1_attention(p, x, num_heads=cfg.n_heads // 2, num_kv_heads=cfg.kv_heads // 2,
-                                       layer=layer, **kwargs)
+                                       layer=layer, head_norm=cfg.diff_head_norm,
+                                       schedule=cfg.lambda_init_schedule, **kwargs)
   if cfg.variant == 'diff_v2':
     return reference.diff_v2_attention(p, x, num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, **kwargs)
   return reference.baseline_attention(p, x, num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, **kwargs)
@@ -133,6 +134,15 @@ def test_lambda_init_matches_sheet():
   np.testing.assert_allclose(got, SHEET_LAMBDA_INIT, rtol=0, atol=1e-12)
 
 
+def test_lambda_init_schedule_takes_other_constants():
+  assert attention.lambda_init_for(2, (0.9, 0.5, 0.1)) == pytest.approx(0.9 - 0.5 * np.exp(-0.2), abs=1e-15)
+  # A drop of 0 is the paper's constant-λ_init ablation: the same value in every layer, traced or not.
+  constant = [attention.lambda_init_for(layer, (0.5, 0.0, 0.3)) for layer in range(8)]
+  assert constant == [0.5] * 8
+  traced = jax.jit(lambda layers: attention.lambda_init_for(layers, (0.5, 0.0, 0.3)))(jnp.arange(8))
+  np.testing.assert_array_equal(traced, np.full(8, 0.5, np.float32))
+
+
 def test_reparameterised_lambda():
   params = random_params(DiffAttentionV1(tiny_config(), 0), random_input((1, 2, 32)), seed=6)
   for layer in (0, 5):
@@ -166,6 +176,60 @@ def test_v1_initialisation():
   assert abs(vectors.mean()) < 0.03 and 0.08 < vectors.std() < 0.12
   np.testing.assert_array_equal(params['subln']['scale'], np.ones(128, np.float32))
   assert abs(lambda_of(params, 3) - attention.lambda_init_for(3)) < 0.3
+
+
+# --- The paper's DIFF V1 ablations. -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n_kv_heads,ablation', [
+    (4, dict(diff_head_norm=False)),
+    (2, dict(diff_head_norm=False, lambda_init_drop=0.0)),
+    (4, dict(lambda_init=0.5, lambda_init_drop=0.0)),  # the paper's "λ_init = 0.5" row
+    (2, dict(lambda_init=0.9, lambda_init_drop=0.6, lambda_init_rate=0.1)),
+])
+def test_ablations_match_float64_reference(n_kv_heads, ablation):
+  cfg = tiny_config(n_heads=4, n_kv_heads=n_kv_heads, **ablation)
+  module, apply = _layer(cfg, 3)
+  x = random_input((2, 7, cfg.d_model), seed=20)
+  params = random_params(module, x, seed=20)
+  assert ('subln' in params) == cfg.diff_head_norm
+  got = apply(params, x)
+  assert_close(got, _reference_output(cfg, 3, params, x))
+  # Each switch changes the function: the paper's layer with the same weights computes something else.
+  paper_cfg = tiny_config(n_heads=4, n_kv_heads=n_kv_heads)
+  paper_params = {'subln': {'scale': np.ones(2 * cfg.head_dim, np.float32)}, **params}
+  assert relative_error(got, _reference_output(paper_cfg, 3, paper_params, x)) > 0.05
+
+
+def test_without_head_norm_the_heads_meet_w_o_unscaled():
+  # (A1 - λ A2) V straight into W_o: no norm, and no (1 - λ_init), which is that norm's fixed scale.
+  cfg = tiny_config(d_model=32, n_heads=8, n_kv_heads=4, diff_head_norm=False)
+  layer = 2
+  module, apply = _layer(cfg, layer)
+  x = random_input((2, 7, 32), seed=21)
+  params = set_lambda(random_params(module, x, seed=21), 0.6, layer, seed=21)
+  p, x64 = to_float64(params), to_float64(x)
+  positions = np.broadcast_to(np.arange(7), (2, 7))
+  q = reference.rope((x64 @ p['q_proj']['kernel']).reshape(2, 7, 8, 4), positions, 10000.0, 'interleaved')
+  k = reference.rope((x64 @ p['k_proj']['kernel']).reshape(2, 7, 4, 4), positions, 10000.0, 'interleaved')
+  v = (x64 @ p['v_proj']['kernel']).reshape(2, 7, 2, 8)
+  out = (reference.softmax_attention(q[:, :, 0::2], k[:, :, 0::2], v)
+         - 0.6 * reference.softmax_attention(q[:, :, 1::2], k[:, :, 1::2], v))
+  assert_close(apply(params, x), out.reshape(2, 7, 32) @ p['out_proj']['kernel'])
+
+
+def test_constant_lambda_init_scales_every_layer_alike():
+  # With λ = λ_init (zero λ vectors give exp(0) - exp(0) = 0) and the same weights, a constant schedule makes the
+  # layer the same function at every depth; the paper's schedule does not.
+  x = random_input((2, 6, 32), seed=22)
+  outputs = {}
+  for name, overrides in (('constant', dict(lambda_init_drop=0.0)), ('paper', {})):
+    cfg = tiny_config(**overrides)
+    params = random_params(DiffAttentionV1(cfg, 0), x, seed=22)
+    params.update({n: np.zeros_like(params[n]) for n in attention.LAMBDA_VECTORS})
+    outputs[name] = [np.asarray(_layer(cfg, layer)[1](params, x)) for layer in (0, 5)]
+  np.testing.assert_array_equal(*outputs['constant'])
+  assert relative_error(*outputs['paper']) > 0.1
 
 
 # --- Invariants of differential attention. --------------------------------------------------------------------

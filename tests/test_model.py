@@ -2,18 +2,20 @@
 
 import dataclasses
 import functools
+import json
 
 from absl.testing import parameterized
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import assert_close, jit, lambda_of, param_shapes, random_params, set_lambda, tiny_config, to_float64
-from diffjax import model, sharding
+from diffjax import attention, checkpoint, defaults, model, sharding
 from diffjax.attention import DiffAttentionV1, DiffAttentionV2, MultiHeadAttention
 from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
@@ -71,6 +73,18 @@ def test_decoder_matches_float64_reference(overrides):
   assert_close(forward(params, tokens), expected)
 
 
+@pytest.mark.parametrize('ablation', [dict(diff_head_norm=False), dict(lambda_init=0.5, lambda_init_drop=0.0),
+                                      dict(lambda_init=0.9, lambda_init_drop=0.6, lambda_init_rate=0.1)])
+def test_decoder_with_an_ablation_matches_float64_reference(ablation):
+  cfg = tiny_config(n_layers=3, **ablation)
+  _, forward = _forward(cfg)
+  tokens = _tokens(cfg, seed=6)
+  params = random_params(model.Transformer(cfg), tokens, seed=6)
+  expected = reference.decoder(to_float64(params), tokens, variant='diff_v1', n_layers=3, n_heads=cfg.n_heads,
+                               n_kv_heads=cfg.kv_heads, head_norm=cfg.diff_head_norm, schedule=cfg.lambda_init_schedule)
+  assert_close(forward(params, tokens), expected)
+
+
 @pytest.mark.parametrize('overrides', FORWARD_CASES, ids=CASE_IDS)
 def test_future_tokens_do_not_change_past_logits(overrides):
   cfg = tiny_config(**overrides)
@@ -93,6 +107,19 @@ def test_lambdas_reports_each_layer():
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
   for variant in ('diff_v2', 'baseline'):
     assert model.lambdas(tiny_config(variant=variant), {}) is None
+
+
+def test_lambdas_follow_the_configured_lambda_init():
+  # Zero λ vectors give λ = λ_init exactly: the configured schedule's values, the same in every layer when constant.
+  for overrides, expected in ((dict(lambda_init=0.5, lambda_init_drop=0.0), [0.5] * 4),
+                              (dict(lambda_init=0.9, lambda_init_drop=0.6, lambda_init_rate=0.1),
+                               [reference.lambda_init(layer, (0.9, 0.6, 0.1)) for layer in range(4)])):
+    cfg = tiny_config(n_layers=4, **overrides)
+    params = random_params(model.Transformer(cfg), _tokens(cfg), seed=3)
+    for layer in range(4):
+      params[f'block_{layer}']['attn'].update(
+          {n: np.zeros_like(params[f'block_{layer}']['attn'][n]) for n in attention.LAMBDA_VECTORS})
+    np.testing.assert_allclose(np.asarray(model.lambdas(cfg, params)), expected, rtol=1e-6)
 
 
 # --- Gradients: finite and non-zero for every parameter; zero from the future. ---------------------------------
@@ -268,6 +295,12 @@ def test_model_parameter_count(variant, tie):
     (dict(dtype='float64'), 'dtype'),
     (dict(remat=True, remat_policy='everything'), 'remat_policy'),
     (dict(n_layers=0), 'n_layers'),
+    (dict(diff_head_norm='no'), 'diff_head_norm'),
+    (dict(lambda_init=float('nan')), 'lambda_init'),
+    (dict(lambda_init_drop=None), 'lambda_init_drop'),
+    (dict(lambda_init_rate=-0.3), 'lambda_init_rate'),
+    (dict(lambda_init=1.0, lambda_init_drop=0.0), 'lambda_init'),  # (1 - λ_init) would silence every layer
+    (dict(lambda_init=1.2, lambda_init_drop=0.5, lambda_init_rate=1.0, n_layers=3), 'lambda_init'),  # layer 2: 1.13
 ])
 def test_invalid_config_is_a_one_line_error_naming_the_key(overrides, key):
   values = dict(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
@@ -283,6 +316,34 @@ def test_valid_configs_pass():
     cfg = ModelConfig(variant=variant)
     assert cfg.validated() is cfg
   assert ModelConfig(n_heads=8, n_kv_heads=8, variant='diff_v2').validated().kv_heads == 8
+  # λ_init of 1 or more matters only where it scales the normed heads.
+  ModelConfig(lambda_init=1.0, lambda_init_drop=0.0, diff_head_norm=False).validated()
+  ModelConfig(lambda_init=1.0, lambda_init_drop=0.0, variant='baseline').validated()
+
+
+def test_default_lambda_init_is_the_papers():
+  assert ModelConfig().lambda_init_schedule == (0.8, 0.6, 0.3) and ModelConfig().diff_head_norm
+
+
+@pytest.mark.parametrize('ablation', [{}, dict(diff_head_norm=False, lambda_init=0.5, lambda_init_drop=0.0)])
+def test_model_config_survives_the_run_config_round_trip(ablation):
+  # The run config is saved as JSON (config.json, every checkpoint) and compared with the current one on resume: a
+  # run with these keys, default or not, must be recognised as itself and rebuild the same ModelConfig.
+  config = defaults.base_config()
+  config.model.update(ablation)
+  saved = json.loads(json.dumps(config.to_dict()))
+  assert checkpoint.config_differences(saved, config.to_dict()) == []
+  cfg = defaults.model_config(config, 258)
+  assert defaults.model_config(ml_collections.ConfigDict(saved), 258) == cfg
+  assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+  assert {key: getattr(cfg, key) for key in ablation} == ablation
+  # A run saved before these keys existed is the same run as one with their defaults.
+  older = json.loads(json.dumps(defaults.base_config().to_dict()))
+  for key in ('diff_head_norm', 'lambda_init', 'lambda_init_drop', 'lambda_init_rate'):
+    del older['model'][key]
+  assert checkpoint.config_differences(older, defaults.base_config().to_dict()) == []
+  if ablation:
+    assert checkpoint.config_differences(saved, defaults.base_config().to_dict())
 
 
 def test_from_dict_rejects_unknown_keys():
