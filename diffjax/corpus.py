@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import gzip
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -27,23 +28,61 @@ _UTF8_BOM = b'\xef\xbb\xbf'
 _STDLIB_SKIPPED_FOLDERS = frozenset({'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'})
 
 
+class DecodingTally:
+  """The bytes of each file read that are not UTF-8 (each is read as U+FFFD), checked once a corpus has been read.
+
+  A file with any is named in a warning; files with more than `max_fraction` of their bytes undecodable (text in
+  another encoding, binary data) are named, worst first, in one error.
+  """
+
+  def __init__(self, config_key: str, max_fraction: float):
+    self._config_key, self._max_fraction = config_key, max_fraction
+    self._counts: dict[str, tuple[int, int]] = {}  # path -> (undecodable bytes, bytes)
+    self._warned: set[str] = set()
+
+  def add(self, path: str, undecodable: int, size: int) -> None:
+    if undecodable:
+      self._counts[path] = (undecodable, size)
+
+  def check(self) -> None:
+    """Raises ConfigError if a file read so far is over the limit; else warns once about each file with some."""
+    share = lambda path: self._counts[path][0] / self._counts[path][1]
+    worst = sorted(self._counts, key=share, reverse=True)
+    over = [path for path in worst if share(path) > self._max_fraction]
+    if over:
+      raise ConfigError(
+          f'data.{self._config_key}: {len(over)} file(s) are not UTF-8 text (more than data.max_undecodable_fraction'
+          f'={self._max_fraction:g} of their bytes undecodable): {self._describe(over)}; convert them to UTF-8 '
+          '(e.g. iconv -f latin1 -t utf-8), leave them out, or raise data.max_undecodable_fraction')
+    new = [path for path in worst if path not in self._warned]
+    if new:
+      logging.warning('%d file(s) hold bytes that are not UTF-8, read as U+FFFD: %s', len(new), self._describe(new))
+      self._warned.update(new)
+
+  def _describe(self, paths: list[str], shown: int = 3) -> str:
+    named = ', '.join(f'{path} ({bad:,} of {size:,} bytes, {bad / size:.1%})'
+                      for path, (bad, size) in ((path, self._counts[path]) for path in paths[:shown]))
+    return named + (f' and {len(paths) - shown} more' if len(paths) > shown else '')
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   key: str  # a folder name: the same documents and split give the same key, on any machine
   identity: str  # names the corpus in a saved input position
   config_key: str  # the config key that chose the corpus, for error messages
   splits: dict[str, Sequence[str]]  # TRAIN / VALIDATION -> document texts
+  decoding: DecodingTally  # fed as files are read; whoever reads the corpus checks it
 
 
 class _FileTexts(Sequence):
-  def __init__(self, paths: list[str]):
-    self._paths = paths
+  def __init__(self, paths: list[str], decoding: DecodingTally):
+    self._paths, self._decoding = paths, decoding
 
   def __len__(self):
     return len(self._paths)
 
   def __getitem__(self, index):
-    return read_document(self._paths[index])
+    return read_document(self._paths[index], self._decoding)
 
 
 class _ExampleTexts(Sequence):
@@ -81,14 +120,15 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
     prefix, config_key = f'python{sys.version_info.major}{sys.version_info.minor}', 'source'
   names = [os.path.relpath(path, root) for path in files]
   validation = validation_documents(names, data_cfg.validation_fraction)
-  splits = {TRAIN: _FileTexts([p for p, n in zip(files, names) if n not in validation]),
-            VALIDATION: _FileTexts([p for p, n in zip(files, names) if n in validation])}
+  decoding = DecodingTally(config_key, data_cfg.max_undecodable_fraction)
+  splits = {TRAIN: _FileTexts([p for p, n in zip(files, names) if n not in validation], decoding),
+            VALIDATION: _FileTexts([p for p, n in zip(files, names) if n in validation], decoding)}
   # Names, sizes and a hash of each file's ends: a copy of the corpus keeps its key (and its prepared data), an
   # edit changes it, and nothing needs reading in full.
   digest = _digest([f'validation_fraction={data_cfg.validation_fraction!r}',
                     *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
   return Corpus(key=f'{prefix}_{digest}', identity=f'{prefix} ({len(files)} files, {digest})',
-                config_key=config_key, splits=splits)
+                config_key=config_key, splits=splits, decoding=decoding)
 
 
 def _tfds_corpus(data_cfg) -> Corpus:
@@ -128,7 +168,9 @@ def _tfds_corpus(data_cfg) -> Corpus:
                         '--file_format=array_record`') from e
   identity = f'{builder.info.full_name}[{data_cfg.train_split}|{data_cfg.eval_split}].{data_cfg.text_key}'
   slug = re.sub(r'[^a-z0-9.]+', '_', builder.info.full_name.lower())
-  return Corpus(key=f'{slug}_{_digest([identity])}', identity=identity, config_key='tfds_name', splits=splits)
+  # TFDS Text features are UTF-8 by construction, so nothing feeds the tally.
+  return Corpus(key=f'{slug}_{_digest([identity])}', identity=identity, config_key='tfds_name', splits=splits,
+                decoding=DecodingTally('tfds_name', data_cfg.max_undecodable_fraction))
 
 
 def check_text_glob(text_glob: str) -> None:
@@ -173,13 +215,21 @@ def stdlib_source_files(root: str) -> list[str]:
   return sorted(files)
 
 
-def read_document(path: str) -> str:
-  """The text of a file: gunzipped if `.gz`, UTF-8 without BOM, with LF line ends."""
+def read_document(path: str, decoding: DecodingTally | None = None) -> str:
+  """The text of a file: gunzipped if `.gz`, UTF-8 without BOM, with LF line ends. Bytes that are not UTF-8 become
+  U+FFFD, and `decoding` counts them."""
   opener = gzip.open if path.endswith('.gz') else open
   with opener(path, 'rb') as f:
     data = f.read()
-  # A stray invalid byte should not stop preparing a whole corpus; it becomes U+FFFD.
-  return data.decode('utf-8-sig', errors='replace').replace('\r\n', '\n')
+  try:
+    text = data.decode('utf-8-sig')
+  except UnicodeDecodeError:
+    text = data.decode('utf-8-sig', errors='replace')
+    if decoding:
+      # Ignoring drops exactly the undecodable bytes; the BOM is dropped as well, but is valid.
+      valid = len(data.decode('utf-8-sig', errors='ignore').encode('utf-8')) + 3 * data.startswith(_UTF8_BOM)
+      decoding.add(path, len(data) - valid, len(data))
+  return text.replace('\r\n', '\n')
 
 
 def validation_documents(names: list[str], validation_fraction: float) -> set[str]:

@@ -62,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.eval_split = 'validation'  # source 'tfds'; lm1b has 'test' instead
   cfg.text_glob = config_dict.placeholder(str)  # source 'local': a folder, file or glob of .txt / .txt.gz
   cfg.validation_fraction = 0.05  # 'stdlib' and 'local': the share of documents held out for validation
+  # A file with more of its bytes not UTF-8 is refused: a stray damaged byte stays far below one in a thousand, and
+  # text in another encoding (Latin-1 prose: 1-5% of its bytes) or binary data (tens of %) far above; 1: never.
+  cfg.max_undecodable_fraction = 0.001
   # Prepared sequences (and TFDS datasets) live here; None: $DIFFJAX_DATA_DIR, else ~/.cache/diffjax.
   cfg.data_dir = config_dict.placeholder(str)
   cfg.tokenizer = 'byte'  # 'byte' | 'sentencepiece' (trained on the train split, saved in the workdir)
@@ -91,6 +94,8 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     need(isinstance(data_cfg[key], str) and data_cfg[key], key, f'must be a non-empty string, got {data_cfg[key]!r}')
   need(isinstance(data_cfg.validation_fraction, (int, float)) and 0 < data_cfg.validation_fraction < 1,
        'validation_fraction', f'must be between 0 and 1 (exclusive), got {data_cfg.validation_fraction}')
+  need(isinstance(data_cfg.max_undecodable_fraction, (int, float)) and 0 <= data_cfg.max_undecodable_fraction <= 1,
+       'max_undecodable_fraction', f'must be a fraction between 0 and 1, got {data_cfg.max_undecodable_fraction!r}')
   for key in ('sp_vocab_size', 'sp_train_chars', 'read_threads', 'prefetch_batches'):
     need(isinstance(data_cfg[key], int) and data_cfg[key] > 0, key,
          f'must be a positive integer, got {data_cfg[key]!r}')
@@ -156,15 +161,22 @@ def _cached_tokenizer_path(data_cfg, corpus: corpus_lib.Corpus) -> epath.Path:
 def _load_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer:
   if data_cfg.tokenizer == 'byte':
     return tokenizers.ByteTokenizer()
-  for path in ([epath.Path(workdir) / TOKENIZER_FILE] if workdir else []) + [_cached_tokenizer_path(data_cfg, corpus)]:
+  cached = _cached_tokenizer_path(data_cfg, corpus)
+  # A damaged model is refused, never trained anew: a run's checkpoints are of use with its own tokenizer only.
+  candidates = [(cached, 'data.data_dir', 'delete it to have a new one trained, or restore it from a copy (a run\'s '
+                 f'WORKDIR/{TOKENIZER_FILE} is one)')]
+  if workdir:
+    candidates.insert(0, (epath.Path(workdir) / TOKENIZER_FILE, '--workdir', f'restore it from a copy, or delete it '
+                          f'to take {cached} again (a resumed run checks that it is the one it trained with)'))
+  for path, key, remedy in candidates:
     if path.exists():
-      tokenizer = tokenizers.SentencePieceTokenizer.load(path)
+      tokenizer = tokenizers.SentencePieceTokenizer.load(path, key=key, remedy=remedy)
       if tokenizer.vocab_size != data_cfg.sp_vocab_size:
         raise ConfigError(f'data.sp_vocab_size: {path} has {tokenizer.vocab_size} pieces but the config asks for '
                           f'{data_cfg.sp_vocab_size}; keep the value this run was started with or use a new workdir')
       return tokenizer
-  raise ConfigError(f'data.data_dir: no tokenizer at {_cached_tokenizer_path(data_cfg, corpus)}; in a multi-host run '
-                    'data.data_dir must be a folder that every host shares')
+  raise ConfigError(f'data.data_dir: no tokenizer at {cached}; in a multi-host run data.data_dir must be a folder '
+                    'that every host shares')
 
 
 def _make_tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None) -> tokenizers.Tokenizer:
@@ -177,7 +189,10 @@ def _make_tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None) ->
   except ConfigError as missing:
     if 'no tokenizer at' not in str(missing):
       raise
-    texts = _texts_up_to(corpus.splits[corpus_lib.TRAIN], data_cfg.sp_train_chars)
+    # Read before training (which holds every sentence in memory anyway), so that a binary file is refused before
+    # its characters make the vocabulary fail or a vocabulary learned from them is kept.
+    texts = list(_texts_up_to(corpus.splits[corpus_lib.TRAIN], data_cfg.sp_train_chars))
+    corpus.decoding.check()
     tokenizer = tokenizers.SentencePieceTokenizer.train(texts, vocab_size=data_cfg.sp_vocab_size)
     tokenizer.save(_cached_tokenizer_path(data_cfg, corpus))
   if workdir and not (epath.Path(workdir) / TOKENIZER_FILE).exists():
@@ -231,6 +246,7 @@ def _write_prepared(corpus, tokenizer, seq_len, folder):
         raise ConfigError(f'data.{corpus.config_key}: the {split} split of {corpus.identity} has '
                           f'{meta["splits"][split]["tokens"]} tokens, fewer than one sequence of seq_len+1 = '
                           f'{seq_len + 1}; lower seq_len or use a larger corpus')
+    corpus.decoding.check()  # the corpus has been read in full
     with open(os.path.join(partial, META_FILE), 'w') as f:
       json.dump(meta, f, indent=1)
     os.replace(partial, folder)

@@ -28,7 +28,14 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   keys removed since are dropped)."""
   config = defaults.base_config()
   known = defaults.flatten(config.to_dict())
-  saved = defaults.flatten(cli.load_run_config(workdir).to_dict())
+  try:
+    saved = defaults.flatten(cli.load_run_config(workdir).to_dict())
+  except ConfigError:  # no config.json: not a run
+    raise
+  except (OSError, ValueError, AttributeError) as error:  # unreadable, not UTF-8, not JSON, JSON but no object
+    raise ConfigError(f'--workdir: {os.path.join(workdir, "config.json")} is damaged '
+                      f'({checkpoint_lib.first_line(error)}); restore it from a copy (every checkpoint keeps one, '
+                      'in checkpoints/STEP/config/metadata)') from None
   config.update_from_flattened_dict({key: value for key, value in saved.items() if key in known})
   return config
 
@@ -41,7 +48,8 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers
   if not os.path.exists(path):
     raise ConfigError(f'--workdir: {path} is missing; a SentencePiece run keeps its tokenizer there, so give the '
                       'workdir of a run that has started training')
-  return tokenizers.SentencePieceTokenizer.load(path)
+  return tokenizers.SentencePieceTokenizer.load(path, key='--workdir', remedy='restore it from a copy: the run\'s '
+                                                'checkpoints are of use with the tokenizer it trained with only')
 
 
 def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokenizer, int]:

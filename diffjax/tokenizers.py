@@ -7,8 +7,10 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from etils import epath
+from google.protobuf import message
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from diffjax.errors import ConfigError
 
@@ -103,8 +105,21 @@ class SentencePieceTokenizer:
     return cls(model.getvalue())
 
   @classmethod
-  def load(cls, path: epath.PathLike) -> 'SentencePieceTokenizer':
-    return cls(epath.Path(path).read_bytes())
+  def load(cls, path: epath.PathLike, *, key: str, remedy: str) -> 'SentencePieceTokenizer':
+    """The model saved at `path`. A file that cannot be read, or is not a whole model as `train` writes them,
+    raises ConfigError `KEY: PATH is damaged (why); REMEDY`, so a damaged file is never taken for a model of
+    another vocabulary size."""
+    try:
+      model_proto = epath.Path(path).read_bytes()
+    except OSError as error:
+      raise ConfigError(f'{key}: {path} cannot be read ({error.strerror or error}); {remedy}') from None
+    fault = _model_fault(model_proto)
+    if fault is None:
+      try:
+        return cls(model_proto)
+      except RuntimeError:  # SentencePiece's message is a line of its C++ source, which helps no one here
+        fault = 'SentencePiece cannot load it'
+    raise ConfigError(f'{key}: {path} is damaged ({fault}); {remedy}')
 
   def save(self, path: epath.PathLike) -> None:
     path = epath.Path(path)
@@ -136,6 +151,31 @@ def _training_lines(texts: Iterable[str]) -> Iterable[str]:
     for line in text.split('\n'):
       if line:
         yield line
+
+
+def _model_fault(model_proto: bytes) -> str | None:
+  """Why `model_proto` is not a whole model as `SentencePieceTokenizer.train` writes them, or None.
+
+  Checked on the protobuf, before SentencePiece sees it: SentencePiece takes an empty or cut-short model without a
+  word (its normalizer, the last field, then falls back to its defaults), and logs from C++ on every use of one it
+  could not build.
+  """
+  if not model_proto:
+    return 'it is empty'
+  try:
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+  except message.DecodeError:
+    return 'it is not a SentencePiece model'
+  trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+  found_and_wanted = {
+      'pieces': (len(proto.pieces), trainer.vocab_size),
+      'normalizer': (normalizer.name, 'identity'),
+      'remove_extra_whitespaces': (normalizer.remove_extra_whitespaces, False),
+      'byte_fallback': (trainer.byte_fallback, True),
+      'PAD, EOS, UNK ids': ((trainer.pad_id, trainer.eos_id, trainer.unk_id), (_SP_PAD_ID, _SP_EOS_ID, _SP_UNK_ID)),
+  }
+  wrong = [f'{name} {found!r}, not {wanted!r}' for name, (found, wanted) in found_and_wanted.items() if found != wanted]
+  return f'cut short or not a model diffjax trains: {"; ".join(wrong)}' if wrong else None
 
 
 def _vocab_size_error(vocab_size: int, trainer_message: str) -> str:

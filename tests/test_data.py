@@ -674,7 +674,7 @@ def test_sentencepiece_tokenizer_trains_saves_and_reloads(tmp_path):
   texts = [_document(rng, 50, 200) for _ in range(200)]
   tokenizer = tokenizers.SentencePieceTokenizer.train(texts, vocab_size=300)
   tokenizer.save(tmp_path / 'tokenizer.model')
-  reloaded = tokenizers.SentencePieceTokenizer.load(tmp_path / 'tokenizer.model')
+  reloaded = tokenizers.SentencePieceTokenizer.load(tmp_path / 'tokenizer.model', key='test', remedy='none')
 
   sample = 'def f(x):\n    return x  # café 😀 中文\n\n  two  spaces'
   assert reloaded.encode(sample) == tokenizer.encode(sample)
