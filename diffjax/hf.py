@@ -2,8 +2,9 @@
 
 `to_hf` and `from_hf` work on plain dicts (a config dict and a state_dict of float32 NumPy arrays), so they need
 neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory (config.json
-and model.safetensors, through the safetensors package's NumPy API; pytorch_model.bin through torch), and
-`hf_model` and `from_hf_model` wrap the dict functions for a live PyTorch model.
+and model.safetensors, through the safetensors package's NumPy API; pytorch_model.bin through torch; with a
+tokenizer, also its files and generation_config.json), `save_run` exports a training run's newest checkpoint with
+its tokenizer, and `hf_model` and `from_hf_model` wrap the dict functions for a live PyTorch model.
 
 The two frameworks compute the same function with differently ordered channels:
   - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
@@ -27,9 +28,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from diffjax import hf_tokenizer, tokenizers
 from diffjax import model as model_lib
 from diffjax.attention import LAMBDA_VECTORS
-from diffjax.config import ModelConfig
+from diffjax.config import DTYPES, ModelConfig
 from diffjax.errors import ConfigError
 
 _ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
@@ -155,16 +157,28 @@ def _model_config(config: Mapping, settings: Mapping) -> ModelConfig:
                 d_ff=config['intermediate_size'], max_len=config['max_position_embeddings'],
                 rope_theta=float(rope.get('rope_theta', config.get('rope_theta', 10000.0))),
                 norm_eps=float(config['rms_norm_eps']), tie_embeddings=bool(config.get('tie_word_embeddings', False)),
-                rope_pairing='half', subln_scale=False)
+                rope_pairing='half', subln_scale=False,
+                dtype=settings.get('dtype') or _checkpoint_dtype(config))
   values.update(settings)
   return ModelConfig(**values).validated()
+
+
+def _checkpoint_dtype(config: Mapping) -> str:
+  """The dtype the checkpoint declares (transformers 5 writes `dtype`, 4.x `torch_dtype`; float32 when absent), as
+  Hugging Face's loaders compute in it: diffjax's bfloat16 default would move the logits away from the original."""
+  key = 'dtype' if config.get('dtype') is not None else 'torch_dtype'
+  dtype = str(config.get(key) or 'float32').removeprefix('torch.')
+  if dtype not in DTYPES:
+    raise ConfigError(f'config.{key}: {dtype!r} is no diffjax compute dtype; pass dtype= one of {", ".join(DTYPES)}')
+  return dtype
 
 
 def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConfig, dict]:
   """(Hugging Face config dict, state_dict) -> (ModelConfig, unboxed float32 `params` collection).
 
   `settings` sets ModelConfig fields the Hugging Face config does not carry (IMPORT_SETTINGS). By default the
-  model gets rope_pairing='half' (Hugging Face's own, no reordering) and subln_scale=False (DiffLlama has none);
+  model computes in the checkpoint's dtype (float32 when it names none), and gets rope_pairing='half' (Hugging
+  Face's own, no reordering) and subln_scale=False (DiffLlama has none);
   rope_pairing='interleaved' reorders q/k channels instead, and subln_scale=True adds scales of ones (so a model
   exported with a learned scale comes back as the same function, the scale folded into out_proj).
   """
@@ -221,6 +235,7 @@ def from_hf_model(model, **settings) -> tuple[ModelConfig, dict]:
 
 _CONFIG, _SAFETENSORS, _TORCH_BIN = 'config.json', 'model.safetensors', 'pytorch_model.bin'
 _SAFETENSORS_INDEX = 'model.safetensors.index.json'
+_GENERATION_CONFIG = 'generation_config.json'
 
 
 def _read_weights(path: str) -> dict:
@@ -231,7 +246,7 @@ def _read_weights(path: str) -> dict:
       from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ConfigError(f'{path}: reading {_SAFETENSORS} needs the safetensors package '
-                        '(pip install "diffjax[hf]")') from None
+                        '(pip install -e ".[hf]")') from None
     if os.path.isfile(files[_SAFETENSORS]):
       return load_file(files[_SAFETENSORS])
     with open(files[_SAFETENSORS_INDEX], encoding='utf-8') as f:
@@ -241,7 +256,7 @@ def _read_weights(path: str) -> dict:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-      raise ConfigError(f'{path}: reading {_TORCH_BIN} needs torch (pip install "diffjax[hf]")') from None
+      raise ConfigError(f'{path}: reading {_TORCH_BIN} needs torch (pip install -e ".[hf]")') from None
     state_dict = torch.load(files[_TORCH_BIN], map_location='cpu', weights_only=True)
     return {k: v.detach().float().numpy() for k, v in state_dict.items()}
   raise ConfigError(f'{path}: no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN} in the directory')
@@ -260,14 +275,20 @@ def load_hf(path, **settings) -> tuple[ModelConfig, dict]:
   return from_hf(config, _read_weights(path), **settings)
 
 
-def save_hf(cfg: ModelConfig, params: Mapping, path) -> str:
+def save_hf(cfg: ModelConfig, params: Mapping, path, tokenizer: tokenizers.Tokenizer | None = None) -> str:
   """Writes `to_hf`'s result as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json
   (float32) and model.safetensors (through the safetensors package; without it, pytorch_model.bin through torch).
 
-  A tied model's file leaves out lm_head.weight, as transformers' own checkpoints do. Returns `path`.
+  With the `tokenizer` the model was trained with, also its files for `transformers.AutoTokenizer`
+  (`diffjax.hf_tokenizer`), its special-token ids in config.json and a generation_config.json that stops at the
+  end-of-document token, so `generate` ends where diffjax's does. A tied model's file leaves out lm_head.weight,
+  as transformers' own checkpoints do. Returns `path`.
   """
   path = os.fspath(path)
   config, state_dict = to_hf(cfg, params)
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise ConfigError(f'tokenizer: its {tokenizer.vocab_size} tokens do not fit the model\'s vocab_size of '
+                      f'{cfg.vocab_size}; give the tokenizer the model was trained with')
   if cfg.tie_embeddings:
     del state_dict['lm_head.weight']
   try:
@@ -278,13 +299,28 @@ def save_hf(cfg: ModelConfig, params: Mapping, path) -> str:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ConfigError(f'{path}: writing a Hugging Face directory needs safetensors or torch '
-                        '(pip install "diffjax[hf]")') from None
+                        '(pip install -e ".[hf]")') from None
   os.makedirs(path, exist_ok=True)
+  if tokenizer is not None:
+    special_ids = hf_tokenizer.save_tokenizer(tokenizer, path, cfg.max_len)
+    config.update(special_ids)
+    _write_json(os.path.join(path, _GENERATION_CONFIG), special_ids)
   if save_file is not None:
     save_file(state_dict, os.path.join(path, _SAFETENSORS), metadata={'format': 'pt'})
   else:
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, os.path.join(path, _TORCH_BIN))
-  with open(os.path.join(path, _CONFIG), 'w', encoding='utf-8') as f:
-    json.dump({**config, 'torch_dtype': 'float32'}, f, indent=2, sort_keys=True)
-    f.write('\n')
+  _write_json(os.path.join(path, _CONFIG), {**config, 'torch_dtype': 'float32'})
   return path
+
+
+def _write_json(file: str, values: dict):
+  with open(file, 'w', encoding='utf-8') as f:
+    json.dump(values, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def save_run(workdir, path) -> str:
+  """save_hf for a training run: the parameters of its newest readable checkpoint, with its tokenizer."""
+  from diffjax import inference  # pylint: disable=import-outside-toplevel  (Orbax, only for this)
+  cfg, params, tokenizer, _ = inference.open_run(os.fspath(workdir))
+  return save_hf(cfg, params, path, tokenizer)
