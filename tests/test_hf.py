@@ -131,6 +131,18 @@ def test_bad_imports_are_config_errors():
     hf.from_hf({**config, 'tie_word_embeddings': True}, state_dict)
 
 
+@pytest.mark.parametrize('declared,expected', [({}, 'float32'), ({'torch_dtype': 'bfloat16'}, 'bfloat16'),
+                                               ({'dtype': 'float16', 'torch_dtype': 'float32'}, 'float16'),
+                                               ({'torch_dtype': 'torch.float32'}, 'float32')])
+def test_imports_compute_in_the_checkpoints_dtype(declared, expected):
+  cfg, params = _model(dtype='bfloat16')  # not what the checkpoint says: the import must not keep diffjax's default
+  config, state_dict = hf.to_hf(cfg, params)
+  assert hf.from_hf({**config, **declared}, state_dict)[0].dtype == expected
+  assert hf.from_hf({**config, **declared}, state_dict, dtype='bfloat16')[0].dtype == 'bfloat16'  # a setting wins
+  with pytest.raises(ConfigError, match=r"^config\.torch_dtype: 'float64' is no diffjax compute dtype; pass dtype="):
+    hf.from_hf({**config, 'torch_dtype': 'float64'}, state_dict)
+
+
 def test_a_tied_checkpoint_may_leave_out_lm_head():
   cfg, params = _model(tie_embeddings=True)
   config, state_dict = hf.to_hf(cfg, params)
@@ -199,7 +211,7 @@ def test_a_directory_round_trip_is_exact(tmp_path, variant, tied):
   assert sorted(p.name for p in (tmp_path / 'hf').iterdir()) == ['config.json', 'model.safetensors']
   config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert config == {**hf.hf_config(cfg), 'torch_dtype': 'float32'}
-  model, back = diffjax.from_hf(tmp_path / 'hf', dtype='float32', attention_impl='xla')
+  model, back = diffjax.from_hf(tmp_path / 'hf', attention_impl='xla')  # float32, as config.json says
   assert isinstance(model, Transformer) and model.cfg == cfg
   _assert_identical(back, params)
   assert_close(jit(model.apply)({'params': back}, TOKENS), jit(Transformer(cfg).apply)({'params': params}, TOKENS))
