@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_chunk_tokens = 0  # 0: the loss from full logits; N: from N tokens' logits at a time (diffjax.losses)
   c.train.opt_moments_dtype = 'float32'  # float32 | bfloat16: how Adam's first moment is stored between steps
   c.train.on_nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
+  c.train.check_memory = True  # refuse a run whose estimated memory does not fit (diffjax.preflight)
 
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the remaining devices
 

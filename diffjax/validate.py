@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from diffjax import attention, defaults, sharding
+from diffjax import attention, defaults, preflight, sharding
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
 from diffjax import model as model_lib
@@ -62,7 +62,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   if tc.seq_len > cfg.max_len:
     raise ConfigError(f'train.seq_len: {tc.seq_len} is above model.max_len={cfg.max_len}; shorten the sequences '
                       'or raise model.max_len')
-  attention.resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
+  impl = attention.resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
 
   mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
   data_parallel = mesh['data'] * mesh['fsdp']
@@ -77,11 +77,14 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   if 0 < config.model.vocab_size < vocab_size:  # token ids past the embedding would be read as garbage
     raise ConfigError(f'model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
                       'tokens; set at least that, or 0 for the tokenizer\'s size rounded up to a multiple of 128')
+  run_cfg = defaults.model_config(config, vocab_size)
+  # Before the workdir is written or the data prepared: a run that cannot fit costs one line, not minutes.
+  preflight.check(config, run_cfg, impl, mesh)
   if config.checkpoint.init_from:
     if not os.path.exists(config.checkpoint.init_from):
       raise ConfigError(f'checkpoint.init_from: {config.checkpoint.init_from} does not exist; give a workdir or '
                         'checkpoint directory of an earlier run')
-    params = nn.meta.unbox(model_lib.abstract_params(defaults.model_config(config, vocab_size))['params'])
+    params = nn.meta.unbox(model_lib.abstract_params(run_cfg)['params'])
     checkpoint_lib.check_init_from(config.checkpoint.init_from, params)
   if workdir is not None:
     _check_writable(workdir)

@@ -1,0 +1,191 @@
+"""Resource estimates before a run starts: does one training step fit each device's memory, and the input
+pipeline's batches the host's?
+
+`check` runs before anything is written to the workdir or any data is prepared, so a run that cannot fit fails in
+one line naming the key to change (and a value that fits), not minutes later with an out-of-memory traceback.
+`train.check_memory=False` skips it.
+
+Per device, in bytes, with E = model.d_model, F = model.d_ff, L = model.n_layers, T = train.seq_len, V the
+vocabulary, c the bytes of model.dtype, t = mesh.tensor and `tokens` = the tokens one device computes at once,
+train.global_batch_size / (mesh.data * mesh.fsdp) / train.microbatches * T:
+
+  state        the train state's shard on this device (parameters, optimizer moments): jax.eval_shape of the
+               state, placed on the mesh as training places it
+  gradients    2 * the float32 parameters' shard: the gradient (summed over microbatches) and the update
+  layer        (8*E + 4*F) * c / t + 4*E   what one block keeps per token for its backward pass: the projections'
+               and the FFN's outputs in the compute dtype, and the float32 residual stream
+  maps         heads * T * 6 / t   on the `xla` attention path only (cuDNN and Pallas keep no maps): a float32
+               probability and its compute-dtype copy for each of the T keys of each head (DIFF V1 counts its two
+               maps per differential head, i.e. model.n_heads maps; DIFF V2 has 2 * model.n_heads)
+  kept         model.remat off: L * (layer + maps), twice that with model.scan_layers (the scan stacks its
+               residuals in new buffers)
+               model.remat, policy `nothing`: L * 4*E + layer + maps (each block's input, and one block
+               recomputed at a time); policy `dots` adds L * (5*E + 2*F) * c / t (the kept matmul outputs)
+  logits       train.loss_chunk_tokens = 0: tokens * V * (4 + c) / t  (the float32 logits and their gradient)
+               N > 0: min(N, tokens) * V * 6 / t  (one chunk's float32 logits and compute-dtype product)
+  activations  tokens * kept + logits
+  batches      (data.prefetch_batches + 1) batches of 16 bytes a token (int32 inputs, targets and segment ids,
+               float32 mask) put on the device ahead of the step
+
+and on the host, 2 * data.read_threads + 2 batches read ahead by the input pipeline.
+
+The coefficients come from the compiled train step's memory (XLA's memory analysis, launch/bench_train.py and
+launch/aot_compile.py; README and launch/results/): the seed model (E 512, F 1792, 8 layers, bfloat16, cuDNN) at
+64 x 2048 tokens keeps 24.1 GiB of temporaries (gradients and activations) with vocabulary 384, where the formula
+gives 24.5; 26.9 with vocabulary 32,000 and 16,384-token loss chunks (27.4); 47.5 with vocabulary 32,768 unchunked
+(48.5); 54.0 scanned (48.5). The paper's 1.4B and 3B models (remat, scanned, `xla` attention, fsdp over 4 or 8 TPU
+chips, 8 to 128 microbatches) keep 3.85 to 41.9 GiB per chip, which the formula gives to within 9%. The `xla` path
+on CPUs keeps about three times the maps counted here: the check errs towards letting a run start.
+
+A device's memory is what JAX may allocate on it (`bytes_limit` of the device's memory stats) on GPUs and TPUs;
+CPU devices share the host's memory with the input pipeline.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType
+
+from diffjax import optim, sharding, train_step
+from diffjax.config import ModelConfig
+from diffjax.errors import ConfigError
+
+GIB = 2**30
+BATCH_BYTES_PER_TOKEN = 16  # int32 inputs, targets and segment ids, float32 mask
+MAP_BYTES = 6  # per attention-map entry on the xla path: float32 probability and its compute-dtype copy
+SUGGESTED_CHUNK_TOKENS = 8192  # docs/performance.md: about 1 GiB of logits at a 32k vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """Bytes per device (state, gradients, activations, batches) and on the host (the input pipeline's batches)."""
+  state: int
+  gradients: int
+  activations: int
+  batches: int
+  host: int
+
+  @property
+  def device(self) -> int:
+    return self.state + self.gradients + self.activations + self.batches
+
+  def parts(self) -> str:
+    return (f'parameters and optimizer state {self.state / GIB:.1f}, gradients {self.gradients / GIB:.1f}, '
+            f'activations {self.activations / GIB:.1f}, batches {self.batches / GIB:.1f}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What a run may use: `device` bytes on each device (None where devices use host memory, as CPUs do) and `host`
+  bytes of host memory, which `local_devices` CPU devices then share with the input pipeline."""
+  device: int | None
+  host: int
+  local_devices: int
+
+  def holds(self, need: Estimate) -> bool:
+    if self.device is None:
+      return need.device * self.local_devices + need.host <= self.host
+    return need.device <= self.device and need.host <= self.host
+
+  def describe(self, need: Estimate) -> str:
+    """What does not fit, in words."""
+    host = f'{self.host / GIB:.1f} GiB of host memory'
+    if self.device is None:
+      devices = f'{self.local_devices} CPU devices' if self.local_devices > 1 else 'the CPU device'
+      return (f'{need.device / GIB:.1f} GiB per device ({need.parts()}) on {devices} and {need.host / GIB:.1f} GiB '
+              f'of read-ahead batches, but this host has {host}')
+    if need.device > self.device:
+      return (f'{need.device / GIB:.1f} GiB per device ({need.parts()}), but a device has '
+              f'{self.device / GIB:.1f} GiB')
+    return f'{need.host / GIB:.1f} GiB of read-ahead batches on the host, which has {host}'
+
+
+def memory_budget() -> Budget:
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPUs
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return Budget(stats.get('bytes_limit'), host, jax.local_device_count())
+
+
+def state_bytes(cfg: ModelConfig, train_cfg, mesh_shape: dict[str, int]) -> tuple[int, int]:
+  """(train state, float32 parameters) bytes per device: every leaf's shard on a mesh of this shape."""
+  mesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(mesh_shape))
+  state = train_step.abstract_state(cfg, optim.make_optimizer(train_cfg), mesh)
+  shard = lambda x: int(np.prod(x.sharding.shard_shape(x.shape)))
+  return (sum(shard(x) * x.dtype.itemsize for x in jax.tree.leaves(state)),
+          sum(shard(x) * 4 for x in jax.tree.leaves(state['params'])))
+
+
+def estimate(cfg: ModelConfig, train: dict, data_cfg, impl: str, mesh_shape: dict[str, int],
+             state: tuple[int, int], processes: int = 1) -> Estimate:
+  """The module docstring's formula. `train` holds the train.* values; `state` is `state_bytes(...)`."""
+  E, F, L, T, V = cfg.d_model, cfg.d_ff, cfg.n_layers, train['seq_len'], cfg.vocab_size
+  c, t = jnp.dtype(cfg.compute_dtype).itemsize, mesh_shape['tensor']
+  sequences = train['global_batch_size'] // (mesh_shape['data'] * mesh_shape['fsdp'])
+  tokens = sequences // train['microbatches'] * T
+  layer = (8 * E + 4 * F) * c / t + 4 * E
+  heads = cfg.n_heads * (2 if cfg.variant == 'diff_v2' else 1)
+  maps = heads * T * MAP_BYTES / t if impl == 'xla' else 0
+  if not cfg.remat:
+    kept = L * (layer + maps) * (2 if cfg.scan_layers else 1)
+  else:
+    saved = 4 * E + ((5 * E + 2 * F) * c / t if cfg.remat_policy == 'dots' else 0)
+    kept = L * saved + layer + maps
+  chunk = train['loss_chunk_tokens']
+  logits = (tokens * (4 + c) if not chunk else min(chunk, tokens) * 6) * V / t
+  batch = BATCH_BYTES_PER_TOKEN * T
+  return Estimate(state=state[0], gradients=2 * state[1], activations=int(tokens * kept + logits),
+                  batches=(data_cfg.prefetch_batches + 1) * sequences * batch,
+                  host=(2 * data_cfg.read_threads + 2) * train['global_batch_size'] // processes * batch)
+
+
+def check(config, cfg: ModelConfig, impl: str, mesh_shape: dict[str, int], budget: Budget | None = None):
+  """Raises ConfigError (one line: the key to change and a value that fits) if the run's estimate does not fit."""
+  if not config.train.check_memory:
+    return
+  budget = budget or memory_budget()
+  state = state_bytes(cfg, config.train, mesh_shape)
+  train = config.train.to_dict()
+  measure = lambda cfg, train: estimate(cfg, train, config.data, impl, mesh_shape, state, jax.process_count())
+  need = measure(cfg, train)
+  if budget.holds(need):
+    return
+  for key, value, changed_cfg, changed_train in _changes(cfg, train, mesh_shape, lambda *a: budget.holds(measure(*a))):
+    after = measure(changed_cfg, changed_train)
+    if budget.holds(after):
+      fix = f'set {key}={value} (about {after.device / GIB:.1f} GiB per device)'
+      break
+  else:
+    key = 'model'
+    fix = ('use a smaller model (model.d_model, model.n_layers, model.d_ff), a shorter train.seq_len, or more '
+           'devices to shard it over (mesh.fsdp)')
+  raise ConfigError(f'{key}: this run needs about {budget.describe(need)}; {fix}, or set train.check_memory=False '
+                    'to start anyway (diffjax/preflight.py explains the estimate)')
+
+
+def _changes(cfg: ModelConfig, train: dict, mesh_shape: dict[str, int], fits):
+  """(key, value, cfg, train) of single changes that lower the estimate, cheapest first: the chunked loss, more
+  microbatches, rematerialisation, then the largest global batch that `fits(cfg, train)`."""
+  if not train['loss_chunk_tokens']:
+    yield 'train.loss_chunk_tokens', SUGGESTED_CHUNK_TOKENS, cfg, {**train, 'loss_chunk_tokens': SUGGESTED_CHUNK_TOKENS}
+  sequences = train['global_batch_size'] // (mesh_shape['data'] * mesh_shape['fsdp'])
+  for microbatches in _divisors(sequences):
+    if microbatches > train['microbatches']:
+      yield 'train.microbatches', microbatches, cfg, {**train, 'microbatches': microbatches}
+  if not cfg.remat:
+    yield 'model.remat', True, dataclasses.replace(cfg, remat=True), train
+  # Global batches stay multiples of the data-parallel shards times the microbatches; the largest that fits wins.
+  step = train['global_batch_size'] // sequences * train['microbatches']
+  low, high = 0, train['global_batch_size'] // step - 1
+  while low < high:
+    middle = (low + high + 1) // 2
+    low, high = (middle, high) if fits(cfg, {**train, 'global_batch_size': middle * step}) else (low, middle - 1)
+  if low:
+    yield 'train.global_batch_size', low * step, cfg, {**train, 'global_batch_size': low * step}
+
+
+def _divisors(n: int) -> list[int]:
+  small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+  return sorted(set(small + [n // d for d in small]))
