@@ -2,7 +2,7 @@
 
 For DIFF V1 it draws, for one layer and head, the two softmax maps A1 and A2 and the differential map
 A1 − λ·A2 that the layer actually applies; for the baseline, its single softmax map. Writes
-WORKDIR/attention_layer{L}_head{H}.png.
+attention_layer{L}_head{H}.png into --out, by default the workdir.
 """
 
 import os
@@ -24,6 +24,7 @@ def _define_flags():
   flags.DEFINE_string('prompt', 'def attention(query, key, value):\n    return', 'Text to look at.')
   flags.DEFINE_integer('layer', -1, 'Layer (0-based; negative counts from the last).')
   flags.DEFINE_integer('head', 0, 'Differential head (DIFF V1) or head (baseline).', lower_bound=0)
+  flags.DEFINE_string('out', None, 'Folder for the PNG; default: the workdir.')
 
 
 def layer_inputs(cfg: ModelConfig, params, tokens_BxT) -> list:
@@ -104,15 +105,21 @@ def main(argv):
   ids = tokenizer.encode(args.prompt)
   if not 0 < len(ids) <= cfg.max_len:
     raise ConfigError(f'--prompt: it is {len(ids)} tokens long; give 1 to {cfg.max_len} (the model\'s max_len)')
+  if not -cfg.n_layers <= args.layer < cfg.n_layers:
+    raise ConfigError(f'--layer: {args.layer} is out of range; this model has {cfg.n_layers} layers: give 0 to '
+                      f'{cfg.n_layers - 1}, or -1 to -{cfg.n_layers} to count from the last')
   layer = args.layer % cfg.n_layers
+  path = os.path.join(inference.output_folder(args.out or args.workdir, '--out'),
+                      f'attention_layer{layer}_head{args.head}.png')
+  if not args.out:
+    workdir_lib.check_no_link_out(args.workdir, path)  # the one file a reader writes in the workdir
   maps = layer_maps(cfg, params, jnp.asarray([ids], jnp.int32), layer)
   heads = next(iter(v for k, v in maps.items() if k != 'lambda')).shape[0]
   if args.head >= heads:
     raise ConfigError(f'--head: {args.head} is out of range; this layer has {heads} heads (0..{heads - 1})')
   labels = [repr(tokenizer.decode([i]))[1:-1] or '·' for i in ids]
-  path = os.path.join(args.workdir, f'attention_layer{layer}_head{args.head}.png')
-  workdir_lib.check_no_link_out(args.workdir, path)  # the one file a reader writes
-  plot(maps, labels, f'{cfg.variant}, step {step}, layer {layer}, head {args.head}', path, args.head)
+  with inference.writing(path, '--out'):
+    plot(maps, labels, f'{cfg.variant}, step {step}, layer {layer}, head {args.head}', path, args.head)
   print(path)
 
 

@@ -5,12 +5,15 @@ parameters alone of its newest readable checkpoint: no corpus is opened or prepa
 optimizer state is read, and nothing in the workdir is written, moved or locked, since a run may be training there.
 Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), on one device, ready for
 `Transformer(cfg).apply({'params': params}, tokens_BxT)`. `score` measures such a model on batches of text.
+`output_folder` and `writing` make an output location the commands cannot write to a one-line error.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -104,6 +107,27 @@ def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
   bad_step, error = unreadable[0]
   raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
                     'repair or remove them')
+
+
+# -- what the commands write ------------------------------------------------------------------------------------
+
+def output_folder(folder: str, flag: str) -> str:
+  """`folder`, made if missing and found writable, so a command refuses it before its work rather than after."""
+  with writing(folder, flag):
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  return folder
+
+
+@contextlib.contextmanager
+def writing(path: str, flag: str):
+  """Turns a failure to write `path` (a read-only folder, a full disk, a folder in the way) into one line."""
+  try:
+    yield
+  except OSError as error:
+    raise ConfigError(f'{flag}: cannot write {path} ({error.strerror or error}); give a folder you can write to '
+                      f'with {flag}=DIR') from None
 
 
 # -- scoring text -----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ DEPTHS = flags.DEFINE_string('depths', '0,0.25,0.5,0.75,1', 'Where the queried n
 NEEDLES = flags.DEFINE_integer('needles', 6, 'Needles per context.')
 QUERIES = flags.DEFINE_integer('queries', 2, 'Needles asked for per context (one prompt each).')
 TRIALS = flags.DEFINE_integer('trials', 10, 'Contexts per depth and context length.')
-SEED = flags.DEFINE_integer('seed', 0, 'Seed of the needles and filler windows.')
+SEED = flags.DEFINE_integer('seed', 0, 'Seed of the needles and filler windows.', lower_bound=0)
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts per generation batch.')
 OUT = flags.DEFINE_string('out', None, 'Folder for needles.json and needles.png.')
 
@@ -307,6 +307,7 @@ def main(argv):
     raise ConfigError('--out is required: a folder for needles.json and needles.png')
   contexts, depths = parse_list('context', CONTEXT.value, int), parse_list('depths', DEPTHS.value, float)
   check_arguments(contexts, depths, TRIALS.value, BATCH_SIZE.value)
+  out = inference.output_folder(OUT.value, '--out')
   report = {'text_glob': TEXT_GLOB.value, 'contexts': contexts, 'depths': depths, 'needles': NEEDLES.value,
             'queries': QUERIES.value, 'trials': TRIALS.value, 'seed': SEED.value, 'runs': []}
   for workdir in WORKDIR.value:
@@ -318,12 +319,13 @@ def main(argv):
     report['runs'].append({'workdir': os.path.abspath(workdir), 'variant': cfg.variant, 'step': step,
                            'label': f'{os.path.basename(os.path.abspath(workdir))} ({cfg.variant}, step {step})',
                            'results': results})
-  os.makedirs(OUT.value, exist_ok=True)
-  with open(os.path.join(OUT.value, 'needles.json'), 'w') as f:
+  json_path, png_path = os.path.join(out, 'needles.json'), os.path.join(out, 'needles.png')
+  with inference.writing(json_path, '--out'), open(json_path, 'w') as f:
     json.dump(report, f, indent=2)
-  plot(report, os.path.join(OUT.value, 'needles.png'))
+  with inference.writing(png_path, '--out'):
+    plot(report, png_path)
   print(tables(report))
-  print(f'\n{os.path.join(OUT.value, "needles.json")}\n{os.path.join(OUT.value, "needles.png")}')
+  print(f'\n{json_path}\n{png_path}')
 
 
 if __name__ == '__main__':

@@ -1,12 +1,22 @@
-"""The plotted attention maps are the ones the model applies: rebuilding each layer's output from them matches."""
+"""The plotted attention maps are the ones the model applies: rebuilding each layer's output from them matches.
+The command refuses an index out of range and an output folder it cannot write to, in one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers_training as ht
+import reliability_helpers as rh
 from conftest import assert_close, random_params, tiny_config
-from diffjax import attention, attention_maps
+from diffjax import attention, attention_maps, defaults, optim, tokenizers, train_step
+from diffjax import checkpoint as checkpoint_lib
 from diffjax.model import Transformer
 
 T = 12
@@ -64,3 +74,75 @@ def test_plot_writes_a_png(tmp_path):
   path = tmp_path / 'maps.png'
   attention_maps.plot(maps, [str(i) for i in range(T)], 'test', str(path), head=1)
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """The workdir of a 2-layer DIFF V1 run with one saved step of fresh parameters; no data prepared."""
+  workdir = tmp_path_factory.mktemp('run')
+  config = ht.load_config(ht.run_overrides(workdir / 'corpus', workdir / 'data'))
+  cfg = defaults.model_config(config, tokenizers.ByteTokenizer.vocab_size)
+  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=1, async_save=False)
+  checkpoints.save(1, train_step.new_state(cfg, optim.make_optimizer(config.train), jax.random.key(0)), {},
+                   config.to_dict())
+  checkpoints.close()
+  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
+  return workdir
+
+
+def cli(workdir, *args):
+  result = subprocess.run([sys.executable, '-m', 'diffjax.attention_maps', f'--workdir={workdir}', '--prompt=ab',
+                           *args], cwd=rh.REPO, env=rh.env(), capture_output=True, text=True, timeout=240)
+  return result, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize('layer', [2, -3, 99])
+def test_a_layer_out_of_range_is_refused_not_wrapped_around(run, layer):
+  before = sorted(os.listdir(run))
+  result, lines = cli(run, f'--layer={layer}')
+  assert result.returncode == 1 and lines == [
+      f'error: --layer: {layer} is out of range; this model has 2 layers: give 0 to 1, or -1 to -2 to count from '
+      'the last'], result.stderr
+  assert sorted(os.listdir(run)) == before
+
+
+def test_out_puts_the_map_elsewhere_and_leaves_the_workdir_alone(run, tmp_path):
+  before = sorted(os.listdir(run))
+  result, _ = cli(run, '--layer=-2', f'--out={tmp_path / "maps"}')
+  assert result.returncode == 0, result.stderr
+  path = tmp_path / 'maps' / 'attention_layer0_head0.png'
+  assert result.stdout.strip() == str(path) and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert sorted(os.listdir(run)) == before
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(run, tmp_path):
+  (tmp_path / 'a_file').write_text('not a folder')
+  result, lines = cli(run, f'--out={tmp_path / "a_file" / "maps"}')
+  assert result.returncode == 1 and lines == [
+      f'error: --out: cannot write {tmp_path / "a_file" / "maps"} (Not a directory); give a folder you can write '
+      'to with --out=DIR'], result.stderr
+
+
+def test_a_folder_in_the_way_of_the_map_in_the_workdir_is_one_line(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
+  (workdir / 'attention_layer1_head0.png').mkdir()
+  result, lines = cli(workdir)
+  assert result.returncode == 1 and lines == [
+      f'error: --out: cannot write {workdir / "attention_layer1_head0.png"} (Is a directory); give a folder you '
+      'can write to with --out=DIR'], result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_a_read_only_workdir_is_one_line_that_points_to_out(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
+  workdir.chmod(0o555)
+  try:
+    result, lines = cli(workdir)
+  finally:
+    workdir.chmod(0o755)
+  assert result.returncode == 1 and lines == [
+      f'error: --out: cannot write {workdir} (Permission denied); give a folder you can write to with --out=DIR']

@@ -145,6 +145,27 @@ def test_the_command_writes_accuracy_and_attention_and_refuses_contexts_past_max
       "error: --context: 320 tokens and 9 answer tokens exceed the model's max_len of 320; give at most 311"]
 
 
+def test_an_unwritable_out_or_a_negative_seed_is_one_line_before_any_run_is_opened(tmp_path):
+  (tmp_path / 'a_file').write_text('not a folder')
+  missing_run = f'--workdir={tmp_path / "no_run"}'  # opened only after the arguments are checked
+  result, lines = cli(missing_run, f'--text_glob={tmp_path}', f'--out={tmp_path / "a_file" / "out"}')
+  assert result.returncode == 1 and lines == [
+      f'error: --out: cannot write {tmp_path / "a_file" / "out"} (Not a directory); give a folder you can write to '
+      'with --out=DIR'], result.stderr
+  result, lines = cli(missing_run, f'--text_glob={tmp_path}', f'--out={tmp_path / "out"}', '--seed=-1')
+  assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: flag --seed=-1: '), result.stderr
+
+
+def test_a_file_in_the_way_of_the_report_is_one_line(run, tmp_path):
+  workdir, overrides = run
+  (tmp_path / 'needles.png').mkdir()
+  result, lines = cli(f'--workdir={workdir}', f'--text_glob={overrides["data.text_glob"]}', '--context=250',
+                      '--depths=0', '--needles=1', '--queries=1', '--trials=1', f'--out={tmp_path}')
+  assert result.returncode == 1 and lines == [
+      f'error: --out: cannot write {tmp_path / "needles.png"} (Is a directory); give a folder you can write to '
+      'with --out=DIR'], result.stderr
+
+
 def notebook_cells() -> list[dict]:
   notebook = json.loads(NOTEBOOK.read_text())
   assert notebook['nbformat'] == 4 and notebook['cells']
