@@ -3,6 +3,8 @@
 A corpus is two random-access sequences of document texts (train and validation) and a key that names it. The key
 changes when the corpus does (files added, edited or re-split), so prepared data is never reused for another corpus.
 Local files are split by document, by a hash of each file's name, so the split is stable as files come and go.
+Bytes of a file that are not UTF-8 are read as U+FFFD and counted in the corpus's `DecodingTally`, which whoever
+reads the corpus checks against data.max_undecodable_fraction.
 """
 
 import dataclasses
@@ -41,8 +43,7 @@ class DecodingTally:
     self._warned: set[str] = set()
 
   def add(self, path: str, undecodable: int, size: int) -> None:
-    if undecodable:
-      self._counts[path] = (undecodable, size)
+    self._counts[path] = (undecodable, size)
 
   def check(self) -> None:
     """Raises ConfigError if a file read so far is over the limit; else warns once about each file with some."""
@@ -60,9 +61,10 @@ class DecodingTally:
       self._warned.update(new)
 
   def _describe(self, paths: list[str], shown: int = 3) -> str:
-    named = ', '.join(f'{path} ({bad:,} of {size:,} bytes, {bad / size:.1%})'
-                      for path, (bad, size) in ((path, self._counts[path]) for path in paths[:shown]))
-    return named + (f' and {len(paths) - shown} more' if len(paths) > shown else '')
+    def one(path):
+      bad, size = self._counts[path]
+      return f'{path} ({bad:,} of {size:,} bytes, {bad / size:.1%})'
+    return ', '.join(map(one, paths[:shown])) + (f' and {len(paths) - shown} more' if len(paths) > shown else '')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Preparation tokenizes every document of a corpus once, appends EOS, and cuts the concatenated token stream into
 rows of seq_len + 1 tokens (the last row of a split is completed with PAD). The rows go into ArrayRecord shards:
     DATA_DIR/<corpus key>/<tokenizer key>-seq<seq_len>/{train,validation}-NNNNN.array_record, meta.json
-meta.json is written last and the folder appears by one rename, so a folder that exists is complete; every later
-run, and every host of a multi-host run, reuses it. Document boundaries are the EOS tokens inside a row.
+meta.json is written last, once the corpus's undecodable bytes have passed their check, and the folder appears by
+one rename, so a folder that exists is complete; every later run, and every host of a multi-host run, reuses it.
+Document boundaries are the EOS tokens inside a row.
 
 Training reads rows by index: each epoch is a fresh permutation of all rows (Grain's MapDataset shuffle and
 repeat), so a batch mixes the whole corpus even when documents are books. The stream's position is the number of
