@@ -112,10 +112,19 @@ def memory_budget() -> Budget:
 def state_bytes(cfg: ModelConfig, train_cfg, mesh_shape: dict[str, int]) -> tuple[int, int]:
   """(train state, float32 parameters) bytes per device: every leaf's shard on a mesh of this shape."""
   mesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(mesh_shape))
-  state = train_step.abstract_state(cfg, optim.make_optimizer(train_cfg), mesh)
-  shard = lambda x: int(np.prod(x.sharding.shard_shape(x.shape)))
-  return (sum(shard(x) * x.dtype.itemsize for x in jax.tree.leaves(state)),
-          sum(shard(x) * 4 for x in jax.tree.leaves(state['params'])))
+  tx = optim.make_optimizer(train_cfg)
+  placed = {}
+
+  def state():
+    # Traced, never run: making the key, and optax's initialisation on placeholders that yields the shardings,
+    # would each compile a small program, and nothing is compiled before a run starts.
+    placed.update(train_step.state_shardings(cfg, tx, mesh))
+    return train_step.new_state(cfg, tx, jax.random.key(0))
+
+  shapes = jax.eval_shape(state)
+  elements = jax.tree.map(lambda x, sharding: int(np.prod(sharding.shard_shape(x.shape))), shapes, placed)
+  return (sum(n * x.dtype.itemsize for n, x in zip(jax.tree.leaves(elements), jax.tree.leaves(shapes))),
+          4 * sum(jax.tree.leaves(elements['params'])))
 
 
 def estimate(cfg: ModelConfig, train: dict, data_cfg, impl: str, mesh_shape: dict[str, int],
