@@ -51,8 +51,9 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers
   if not os.path.exists(path):
     raise ConfigError(f'--workdir: {path} is missing; a SentencePiece run keeps its tokenizer there, so give the '
                       'workdir of a run that has started training')
-  return tokenizers.SentencePieceTokenizer.load(path, key='--workdir', remedy='restore it from a copy: the run\'s '
-                                                'checkpoints are of use with the tokenizer it trained with only')
+  # Only the tokenizer a run trained with makes sense of its checkpoints, so there is nothing to fall back on.
+  return tokenizers.SentencePieceTokenizer.load(path, key='--workdir', remedy='restore it from a copy (training '
+                                                'keeps one in data.data_dir, as CORPUS/sentencepiece_*.model)')
 
 
 def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokenizer, int]:
