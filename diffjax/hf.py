@@ -31,7 +31,7 @@ import numpy as np
 from diffjax import hf_tokenizer, tokenizers
 from diffjax import model as model_lib
 from diffjax.attention import LAMBDA_VECTORS
-from diffjax.config import DTYPES, ModelConfig
+from diffjax.config import DTYPES, PAPER_LAMBDA_INIT, ModelConfig
 from diffjax.errors import ConfigError
 
 _ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
@@ -77,6 +77,12 @@ def hf_config(cfg: ModelConfig) -> dict:
   if cfg.variant not in _ARCHITECTURES:
     raise ConfigError(f'model.variant: {cfg.variant!r} has no Hugging Face class; export diff_v1 (DiffLlama) or '
                       'baseline (Llama)')
+  if cfg.variant == 'diff_v1' and not cfg.diff_head_norm:
+    raise ConfigError('model.diff_head_norm: False has no Hugging Face class (DiffLlama always applies the per-head '
+                      'norm and its (1 - λ_init) scale); export a model trained with diff_head_norm=True')
+  if cfg.variant == 'diff_v1' and cfg.lambda_init_schedule != PAPER_LAMBDA_INIT:
+    raise ConfigError(f'model.lambda_init: the λ_init schedule {cfg.lambda_init_schedule} has no Hugging Face class '
+                      f'(DiffLlama fixes the paper\'s {PAPER_LAMBDA_INIT}); export a model trained with the defaults')
   model_type, architecture = _ARCHITECTURES[cfg.variant]
   return {'model_type': model_type, 'architectures': [architecture], 'vocab_size': cfg.vocab_size,
           'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.n_layers,

@@ -117,6 +117,17 @@ def test_diff_v2_is_refused():
     hf.to_hf(cfg, params)
 
 
+@pytest.mark.parametrize('ablation,message', [
+    ({'diff_head_norm': False}, r'^model\.diff_head_norm: False has no Hugging Face class'),
+    ({'lambda_init': 0.5, 'lambda_init_drop': 0.0}, r'^model\.lambda_init: the λ_init schedule \(0\.5, 0\.0, 0\.3\) '
+                                                    r'has no Hugging Face class')])
+def test_diff_v1_ablations_are_refused(ablation, message):
+  cfg, params = _model(**ablation)
+  with pytest.raises(ConfigError, match=message):
+    hf.to_hf(cfg, params)
+  hf.to_hf(*_model(variant='baseline', **ablation))  # the baseline has neither, so the keys do not matter there
+
+
 def test_bad_imports_are_config_errors():
   config, state_dict = hf.to_hf(*_model())
   with pytest.raises(ConfigError, match=r'^from_hf: n_layers comes from the Hugging Face config'):

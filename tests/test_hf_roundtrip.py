@@ -53,7 +53,7 @@ def _assert_same_tokenizer(ours: tokenizers.Tokenizer, theirs, texts: list[str],
     assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids), ids
 
 
-@pytest.mark.slow  # trains and exports a run (a minute on 2 CPUs with the other tests below)
+@pytest.mark.slow  # the fixture trains and exports a run: about a minute on 2 CPUs
 def test_the_export_holds_the_tokenizer_and_its_special_ids(exported):
   _, out = exported
   assert {'tokenizer.json', 'tokenizer_config.json', 'generation_config.json'} <= {p.name for p in out.iterdir()}
@@ -71,7 +71,7 @@ def test_the_export_holds_the_tokenizer_and_its_special_ids(exported):
   _assert_same_tokenizer(ours, theirs, TEXTS + _random_texts(0, 200), id_sequences)
 
 
-@pytest.mark.slow  # trains and exports a run (a minute on 2 CPUs with the other tests below)
+@pytest.mark.slow  # the fixture trains and exports a run: about a minute on 2 CPUs
 def test_transformers_computes_the_runs_logits_and_from_hf_keeps_float32(exported):
   workdir, out = exported
   cfg, params, tokenizer, _ = inference.open_run(str(workdir))
@@ -86,7 +86,7 @@ def test_transformers_computes_the_runs_logits_and_from_hf_keeps_float32(exporte
   np.testing.assert_allclose(back.apply({'params': back_params}, tokens_BxT), theirs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow  # trains and exports a run (a minute on 2 CPUs with the other tests below)
+@pytest.mark.slow  # the fixture trains and exports a run: about a minute on 2 CPUs
 @pytest.mark.parametrize('prompt', ['The ', 'Of the', ' '])
 def test_greedy_generate_continues_as_diffjax_does(exported, prompt):
   workdir, out = exported
