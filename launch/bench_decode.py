@@ -1,19 +1,17 @@
 """Times KV-cache generation of a config for each variant: decode tokens/s at each batch size, and the prefill.
 
-  python launch/bench_decode.py --config configs/seed.py --batches 1,64 --prompt_len 128 --tokens 512 --hf 1
-  python launch/bench_decode.py --config configs/tiny.py --prompt_len 16 --tokens 32     # a CPU check
+  python launch/bench_decode.py --config=configs/seed.py --batches=1,64 --prompt_len=128 --tokens=512 --hf=1
+  python launch/bench_decode.py --config=configs/tiny.py --prompt_len=16 --tokens=32     # a CPU check
 
 Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes
 all `--tokens` tokens through `diffjax.generate`, the path `python -m diffjax.sample` uses. Compilation is
 excluded; each setting runs once to warm up, then `--repeats` times, and the best run counts. With `--hf 1` the same
 weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache and
 `torch.compile`, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no
-Hugging Face counterpart). Each row is printed as soon as it is measured; the table at the end and the JSON
+Hugging Face counterpart). `--config.KEY=VALUE` sets any key of the config. Each row is printed as soon as it is measured; the table at the end and the JSON
 (`--out`) hold all of them.
 """
 
-import argparse
-import importlib.util
 import json
 import time
 
@@ -21,15 +19,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from diffjax import data, defaults, generate, hf, inference, model
+from diffjax import cli, data, defaults, generate, hf, inference, model
 
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key.',
+                                          lock_config=True)
+WORKDIR = flags.DEFINE_string('workdir', '', "Time this trained run's model instead (its variant only).")
+VARIANTS = flags.DEFINE_list('variants', ['diff_v1', 'diff_v2', 'baseline'], 'model.variant of each model.')
+BATCHES = flags.DEFINE_list('batches', ['1', '64'], 'Batch sizes.')
+PROMPT_LEN = flags.DEFINE_integer('prompt_len', 128, 'Tokens per prompt.')
+TOKENS = flags.DEFINE_integer('tokens', 512, 'New tokens per row (prompt_len + tokens <= max_len).')
+REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs of each setting; the best counts.')
+HF = flags.DEFINE_bool('hf', False, 'Time Hugging Face generate beside (needs torch and transformers).')
+OUT = flags.DEFINE_string('out', 'bench_decode.json', 'Where the JSON rows go.')
 
 
 def vocab_size_of(config) -> int:
@@ -96,46 +100,36 @@ def row_text(r) -> str:
           f'{r["decode_ms_per_step"]:>9.2f} {r["prefill_tokens_per_s"]:>16,.0f}')
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', default='configs/seed.py')
-  parser.add_argument('--workdir', default='', help='time this trained run\'s model instead (its variant only)')
-  parser.add_argument('--variants', default='diff_v1,diff_v2,baseline')
-  parser.add_argument('--batches', default='1,64', help='comma-separated batch sizes')
-  parser.add_argument('--prompt_len', type=int, default=128)
-  parser.add_argument('--tokens', type=int, default=512, help='new tokens per row (prompt_len + tokens <= max_len)')
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--hf', type=int, default=0, help='1: time Hugging Face generate beside (needs torch)')
-  parser.add_argument('--out', default='bench_decode.json')
-  args = parser.parse_args()
-  if args.workdir:
-    cfg, params, _, _ = inference.open_run(args.workdir)
+def main(argv):
+  del argv
+  if WORKDIR.value:
+    cfg, params, _, _ = inference.open_run(WORKDIR.value)
     models = [(cfg, params)]
   else:
-    config = load_config(args.config)
+    config = CONFIG.value
     models = []
-    for variant in args.variants.split(','):
+    for variant in VARIANTS.value:
       config.model.variant = variant
       cfg = defaults.model_config(config, vocab_size_of(config))
       models.append((cfg, random_params(cfg)))
-  generate.check_length(models[0][0], args.prompt_len, args.tokens)
+  generate.check_length(models[0][0], PROMPT_LEN.value, TOKENS.value)
   title = (f'{jax.devices()[0].device_kind}, {models[0][0].n_layers} layers, width {models[0][0].d_model}, '
-           f'{models[0][0].dtype}, prompt {args.prompt_len}, {args.tokens} new tokens, greedy')
+           f'{models[0][0].dtype}, prompt {PROMPT_LEN.value}, {TOKENS.value} new tokens, greedy')
   header = f'{"engine":<8} {"variant":<10} {"batch":>6} {"decode tok/s":>14} {"ms/step":>9} {"prefill tok/s":>16}'
   print(title + '\n' + header, flush=True)
   results = []
   for cfg, params in models:
-    for batch in args.batches.split(','):
-      engines = [bench] + ([bench_hf] if args.hf and cfg.variant in HF_MODELS else [])
+    for batch in BATCHES.value:
+      engines = [bench] + ([bench_hf] if HF.value and cfg.variant in HF_MODELS else [])
       for engine in engines:
-        results.append(engine(cfg, params, int(batch), args.prompt_len, args.tokens, args.repeats))
+        results.append(engine(cfg, params, int(batch), PROMPT_LEN.value, TOKENS.value, REPEATS.value))
         print(row_text(results[-1]), flush=True)
   print('\n' + title + '\n' + header + '\n' + '\n'.join(row_text(r) for r in results))
-  with open(args.out, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'config': args.config if not args.workdir else args.workdir,
+  with open(OUT.value, 'w') as f:
+    json.dump({'device': jax.devices()[0].device_kind, 'config': WORKDIR.value or config_flags.get_config_filename(flags.FLAGS['config']),
                'results': results}, f, indent=1)
-  print(f'wrote {args.out}')
+  print(f'wrote {OUT.value}')
 
 
 if __name__ == '__main__':
-  main()
+  app.run(cli.report_errors(main), flags_parser=cli.parse_flags)

@@ -1,53 +1,29 @@
 """Times the full train step of a config for each variant: tokens/s, MFU and memory, on real text or random tokens.
 
-  python launch/bench_train.py --config configs/seed.py --batch 64 --data 'corpus_en/*.txt.gz' --steps 50
-  python launch/bench_train.py --config configs/seed.py --batch 16 --data config   # the config's own data section
-  python launch/bench_train.py --config configs/seed.py --batch 16 --loss_chunk_tokens 8192 --remat 1 \
-      --remat_policy dots --opt_moments_dtype bfloat16   # the memory options, each can be set alone
+  python launch/bench_train.py --config=configs/seed.py --config.train.global_batch_size=64 \
+      --data='corpus_en/*.txt.gz' --steps=50
+  python launch/bench_train.py --config=configs/seed.py --config.train.global_batch_size=16 --data=config
+  python launch/bench_train.py --config=configs/seed.py --config.train.global_batch_size=16 \
+      --config.train.loss_chunk_tokens=8192 --config.model.remat=True --config.model.remat_policy=dots \
+      --config.train.opt_moments_dtype=bfloat16   # the memory options, each can be set alone
 
 Uses the same compiled step, shardings and mesh as training (`diffjax.train_step`), so the numbers are those
-of `python -m diffjax.train` minus the input pipeline. With `--data` the step runs on real batches of that corpus
-(prepared first where needed, as training prepares it), each timed step on another batch: some costs depend on the
-tokens (a scatter-add into rows that many tokens share, for one), and random tokens spread evenly hide them. Without
-it, random tokens over `--vocab`. The first line of the table names the data. Prints a table and writes JSON
-(`--out`).
+of `python -m diffjax.train` minus the input pipeline; any config key is set as in training, `--config.KEY=VALUE`.
+With `--data` the step runs on real batches of that corpus (prepared first where needed, as training prepares it),
+each timed step on another batch: some costs depend on the tokens (a scatter-add into rows that many tokens share,
+for one), and random tokens spread evenly hide them. Without it, random tokens over `--vocab`. The first line of the
+table names the data. Prints a table and writes JSON (`--out`).
 """
 
-import argparse
-import importlib.util
 import json
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from diffjax import checkpoint, data, defaults, metrics, model, optim, sharding, train_step
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def apply_overrides(config, items):
-  """KEY=VALUE strings (dotted keys) onto a config, each value parsed as the diffjax.train flags parse it."""
-  for item in items:
-    key, _, text = item.partition('=')
-    *parents, name = key.split('.')
-    section = config
-    for parent in parents:
-      section = section[parent]
-    section[name] = _parse(text, section[name])
-
-
-def _parse(text: str, current):
-  if isinstance(current, bool):
-    return text.lower() in ('1', 'true', 'yes')
-  if isinstance(current, (int, float)):
-    return type(current)(float(text)) if isinstance(current, int) and float(text).is_integer() else float(text)
-  return text
+from diffjax import checkpoint, cli, data, defaults, metrics, model, optim, sharding, train_step
 
 
 class RandomTokens:
@@ -119,71 +95,43 @@ def bench(config, variant, batches, steps, init_from=''):
           'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'final_loss': float(out['loss'])}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/seed.py')
-  parser.add_argument('--variants', default='diff_v1,baseline,diff_v2')
-  parser.add_argument('--batch', type=int, default=16, help='global batch in sequences')
-  parser.add_argument('--microbatches', type=int, default=1)
-  parser.add_argument('--seq', type=int, default=0, help='sequence length (0: the config\'s)')
-  parser.add_argument('--data', default='',
-                      help="real text to time on: a folder, file or glob of .txt or .txt.gz files, or 'config' for "
-                           "the config's data section (with --set data.*); empty: random tokens over --vocab")
-  parser.add_argument('--vocab', type=int, default=32_000, help='vocabulary of the random tokens (without --data)')
-  parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--impl', default='', help='model.attention_impl override')
-  parser.add_argument('--remat', type=int, default=-1, help='model.remat override (0/1)')
-  parser.add_argument('--remat_policy', default='', help='model.remat_policy override (nothing/dots)')
-  parser.add_argument('--loss_chunk_tokens', type=int, default=-1, help='train.loss_chunk_tokens override (0: off)')
-  parser.add_argument('--opt_moments_dtype', default='', help='train.opt_moments_dtype override (float32/bfloat16)')
-  parser.add_argument('--ffn', type=int, default=0, help='model.d_ff override (0: the config\'s)')
-  parser.add_argument('--scan', type=int, default=-1, help='model.scan_layers override (0/1)')
-  parser.add_argument('--init_from', default='', help='also time the first variant with the weights of this run')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='any config override, as --config.KEY=VALUE of diffjax.train (applied first)')
-  parser.add_argument('--out', default='bench_train.json')
-  args = parser.parse_args()
-  config = load_config(args.config)
-  apply_overrides(config, args.set)
-  config.train.global_batch_size, config.train.microbatches = args.batch, args.microbatches
-  if args.seq:
-    config.train.seq_len = args.seq
-  if args.impl:
-    config.model.attention_impl = args.impl
-  if args.ffn:
-    config.model.d_ff = args.ffn
-  if args.scan >= 0:
-    config.model.scan_layers = bool(args.scan)
-  if args.remat >= 0:
-    config.model.remat = bool(args.remat)
-  if args.remat_policy:
-    config.model.remat_policy = args.remat_policy
-  if args.loss_chunk_tokens >= 0:
-    config.train.loss_chunk_tokens = args.loss_chunk_tokens
-  if args.opt_moments_dtype:
-    config.train.opt_moments_dtype = args.opt_moments_dtype
-  if args.data and args.data != 'config':
-    config.data.update(source='local', text_glob=args.data)
+CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key.',
+                                          lock_config=True)
+VARIANTS = flags.DEFINE_list('variants', ['diff_v1', 'baseline', 'diff_v2'], 'model.variant of each row.')
+DATA = flags.DEFINE_string('data', '', "Real text to time on: a folder, file or glob of .txt or .txt.gz files, or "
+                           "'config' for the config's data section; empty: random tokens over --vocab.")
+VOCAB = flags.DEFINE_integer('vocab', 32_000, 'Vocabulary of the random tokens (without --data).')
+STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps, after one that compiles.')
+INIT_FROM = flags.DEFINE_string('init_from', '', 'Also time the first variant with the weights of this run.')
+OUT = flags.DEFINE_string('out', 'bench_train.json', 'Where the JSON rows go.')
+
+
+def main(argv):
+  del argv
+  config = CONFIG.value
+  if DATA.value and DATA.value != 'config':
+    config.data.update(source='local', text_glob=DATA.value)
+  tc = config.train
   # One real batch per timed step (the first also compiles), so the timing sees the corpus's spread of tokens.
-  batches = CorpusBatches(config, args.steps + 1) if args.data else RandomTokens(args.vocab, args.batch,
-                                                                                  config.train.seq_len)
-  variants = args.variants.split(',')
-  rows = [bench(config, v, batches, args.steps) for v in variants]
-  if args.init_from:
-    rows.append(bench(config, variants[0], batches, args.steps, args.init_from))
+  batches = (CorpusBatches(config, STEPS.value + 1) if DATA.value
+             else RandomTokens(VOCAB.value, tc.global_batch_size, tc.seq_len))
+  rows = [bench(config, v, batches, STEPS.value) for v in VARIANTS.value]
+  if INIT_FROM.value:
+    rows.append(bench(config, VARIANTS.value[0], batches, STEPS.value, INIT_FROM.value))
   print(f'data: {batches.name}')
-  print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {args.config}, batch {args.batch} x {rows[0]["seq_len"]}, '
-        f'microbatches {args.microbatches}, vocab {rows[0]["vocab_size"]}, remat {rows[0]["remat"]}, '
-        f'loss chunk {rows[0]["loss_chunk_tokens"] or "off"}, moments {rows[0]["opt_moments_dtype"]}')
+  print(f'{rows[0]["device"]} x{rows[0]["devices"]}, {config_flags.get_config_filename(flags.FLAGS["config"])}, '
+        f'batch {tc.global_batch_size} x {tc.seq_len}, microbatches {tc.microbatches}, vocab {rows[0]["vocab_size"]}, '
+        f'remat {rows[0]["remat"]}, loss chunk {rows[0]["loss_chunk_tokens"] or "off"}, '
+        f'moments {rows[0]["opt_moments_dtype"]}')
   print(f'{"variant":<19} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
         f'{"init s":>7} {"compile s":>9}')
   for r in rows:
     mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
     print(f'{r["variant"]:<19} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
           f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f} {r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
-  with open(args.out, 'w') as f:
+  with open(OUT.value, 'w') as f:
     json.dump(rows, f, indent=2)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(cli.report_errors(main), flags_parser=cli.parse_flags)

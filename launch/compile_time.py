@@ -1,23 +1,29 @@
 """Compiles a config's state creation and train step ahead of time, allocating nothing, and times the compilation.
 
-  python launch/compile_time.py --config configs/paper_1_4b.py --batch 16 --seq 2048 --scan 0,1
+  python launch/compile_time.py --config=configs/paper_1_4b.py --config.train.global_batch_size=16 --scan=0,1
 
 Each row is one `model.scan_layers` setting: the seconds to compile the sharded state creation and the train step
-on this machine's backend, and the train step's temporary memory per device. Prints a table and writes JSON.
+on this machine's backend, and the train step's temporary memory per device, at the config's batch (in one
+microbatch) and sequence length; `--config.KEY=VALUE` sets any key. Prints a table and writes JSON.
 """
 
-import argparse
 import functools
 import json
 import time
 
 import flax.linen as nn
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-from diffjax import defaults, optim, sharding, train_step
+from diffjax import cli, defaults, optim, sharding, train_step
 from diffjax.sharding import LOGICAL_AXIS_RULES
 
-from bench_train import load_config
+CONFIG = config_flags.DEFINE_config_file('config', 'configs/paper_1_4b.py', 'A config file; --config.KEY=VALUE sets '
+                                         'any key.', lock_config=True)
+SCAN = flags.DEFINE_list('scan', ['0', '1'], 'model.scan_layers settings to compile.')
+VOCAB = flags.DEFINE_integer('vocab', 32_000, 'Vocabulary size of the model.')
+OUT = flags.DEFINE_string('out', 'compile_time.json', 'Where the JSON rows go.')
 
 
 def compile_times(config, vocab_size: int) -> dict:
@@ -42,31 +48,25 @@ def compile_times(config, vocab_size: int) -> dict:
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/paper_1_4b.py')
-  parser.add_argument('--variant', default='diff_v1')
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--seq', type=int, default=2048)
-  parser.add_argument('--vocab', type=int, default=32_000)
-  parser.add_argument('--scan', default='0,1', help='model.scan_layers settings to compile, e.g. 0,1')
-  parser.add_argument('--out', default='compile_time.json')
-  args = parser.parse_args()
+def main(argv):
+  del argv
   rows = []
-  for scan in args.scan.split(','):
-    config = load_config(args.config)
-    config.model.variant, config.model.scan_layers = args.variant, bool(int(scan))
-    config.train.update(global_batch_size=args.batch, microbatches=1, seq_len=args.seq)
-    config.model.max_len = max(config.model.max_len, args.seq)
-    rows.append(compile_times(config, args.vocab))
-  print(f'{args.config}, {args.variant}, batch {args.batch} x {args.seq}, backend {rows[0]["backend"]}')
+  for scan in SCAN.value:
+    config = CONFIG.value.copy_and_resolve_references()
+    config.model.scan_layers = bool(int(scan))
+    config.train.microbatches = 1
+    config.model.max_len = max(config.model.max_len, config.train.seq_len)
+    rows.append(compile_times(config, VOCAB.value))
+  tc = CONFIG.value.train
+  print(f'{config_flags.get_config_filename(flags.FLAGS["config"])}, {rows[0]["variant"]}, batch '
+        f'{tc.global_batch_size} x {tc.seq_len}, backend {rows[0]["backend"]}')
   print(f'{"scan_layers":<12} {"layers":>6} {"state compile s":>16} {"step compile s":>15} {"step temp GiB":>14}')
   for r in rows:
     print(f'{str(r["scan_layers"]):<12} {r["layers"]:>6} {r["init_compile_s"]:>16.1f} {r["step_compile_s"]:>15.1f} '
           f'{r["temp_gib"]:>14.2f}')
-  with open(args.out, 'w') as f:
+  with open(OUT.value, 'w') as f:
     json.dump(rows, f, indent=2)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(cli.report_errors(main), flags_parser=cli.parse_flags)

@@ -1,6 +1,6 @@
 """How large each block's attention and FFN outputs are at initialisation, against the token embeddings they join.
 
-  python launch/init_scales.py --config configs/seed.py --text 'PATH/TO/corpus_en/*.txt.gz' --out init_scales.json
+  python launch/init_scales.py --config=configs/seed.py --text='PATH/TO/corpus_en/*.txt.gz' --out=init_scales.json
 
 For each variant and each init of the residual-branch output projections (`model.scale_residual_init`), one forward
 pass at the config's shape over real text (bytes) at initialisation gives, per layer, the RMS of the attention and
@@ -9,9 +9,9 @@ mean cosine between the final residual stream and the token's embedding row. DIF
 attention output to RMS (1 - λ_init) before W_o whatever the attention maps are, while the baseline's output is an
 average of values, small when the maps are near uniform; so at the same init DIFF adds much more to the residual
 stream, and the embeddings (N(0, 0.02)) are a smaller part of what the output layer sees. No accelerator needed.
+`--config.KEY=VALUE` sets any key of the config.
 """
 
-import argparse
 import glob
 import gzip
 import json
@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from diffjax import defaults, model as model_lib, tokenizers
-import bench_train
+from diffjax import cli, defaults, model as model_lib, tokenizers
 
 
 def text_batch(pattern: str, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -59,28 +60,35 @@ def measure(cfg, tokens_BxT: np.ndarray, seed: int) -> dict:
           'final_cosine_with_token_embedding': float(jnp.mean(cosine))}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/seed.py')
-  parser.add_argument('--text', required=True, help='a glob of .txt or .txt.gz files')
-  parser.add_argument('--variants', default='diff_v1,baseline')
-  parser.add_argument('--batch', type=int, default=2)
-  parser.add_argument('--seq', type=int, default=0, help='sequence length (0: the config\'s)')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
-  parser.add_argument('--out', default='init_scales.json')
-  args = parser.parse_args()
-  config = bench_train.load_config(args.config)
-  bench_train.apply_overrides(config, args.set)
+def define_flags() -> dict:
+  """The command line's flags; defined only when run as a program, since the tests import this module beside others
+  that define a --config of their own."""
+  return {
+      'config': config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets '
+                                                'any key.', lock_config=True),
+      'text': flags.DEFINE_string('text', None, 'A glob of .txt or .txt.gz files.', required=True),
+      'variants': flags.DEFINE_list('variants', ['diff_v1', 'baseline'], 'model.variant of each row.'),
+      'batch': flags.DEFINE_integer('batch', 2, 'Windows of text.'),
+      'seq': flags.DEFINE_integer('seq', 0, "Window length in bytes (0: the config's sequence length)."),
+      'seed': flags.DEFINE_integer('seed', 0, 'Seed of the initialisation.'),
+      'out': flags.DEFINE_string('out', 'init_scales.json', 'Where the JSON rows go.'),
+  }
+
+
+def main(argv, defined: dict):
+  del argv
+  args = {name: flag.value for name, flag in defined.items()}
+  config = args['config']
   config.model.dtype, config.model.attention_impl = 'float32', 'xla'
-  tokens = text_batch(args.text, args.batch, args.seq or config.train.seq_len)
+  tokens = text_batch(args['text'], args['batch'], args['seq'] or config.train.seq_len)
   rows = []
-  for variant in args.variants.split(','):
+  for variant in args['variants']:
     for scaled in (True, False):
       config.model.variant, config.model.scale_residual_init = variant, scaled
       cfg = defaults.model_config(config, tokenizers.ByteTokenizer.vocab_size)
-      rows.append({'variant': variant, 'scale_residual_init': scaled, **measure(cfg, tokens, args.seed)})
-  print(f'{args.config}, {args.batch} x {tokens.shape[1]} bytes of {args.text}, seed {args.seed}, at initialisation')
+      rows.append({'variant': variant, 'scale_residual_init': scaled, **measure(cfg, tokens, args['seed'])})
+  print(f'{config_flags.get_config_filename(flags.FLAGS["config"])}, {args["batch"]} x {tokens.shape[1]} bytes of '
+        f'{args["text"]}, seed {args["seed"]}, at initialisation')
   print(f'{"variant":<10} {"init":<11} {"embed RMS":>10} {"attn RMS by layer":<44} {"ffn RMS (mean)":>14} '
         f'{"final RMS":>10} {"cos(final, embed)":>18}')
   for r in rows:
@@ -89,9 +97,10 @@ def main():
     init = '0.02/√(2L)' if r['scale_residual_init'] else '0.02'
     print(f'{r["variant"]:<10} {init:<11} {r["embedding_rms"]:>10.4f} {attn:<44} {ffn:>14.4f} {r["final_rms"]:>10.4f} '
           f'{r["final_cosine_with_token_embedding"]:>18.3f}')
-  with open(args.out, 'w') as f:
+  with open(args['out'], 'w') as f:
     json.dump(rows, f, indent=1)
 
 
 if __name__ == '__main__':
-  main()
+  FLAGS = define_flags()
+  app.run(cli.report_errors(lambda argv: main(argv, FLAGS)), flags_parser=cli.parse_flags)

@@ -1,11 +1,11 @@
 """A real `diffjax.train` run against the train step alone, for one config: alone, and with others sharing the device.
 
   python launch/run_speed.py --config=configs/seed.py --root=runs/run_speed --steps=1000 --sharing=2 \
-      --set data.source=local --set data.text_glob=corpus_en --set data.tokenizer=byte \
-      --set train.global_batch_size=64 --set train.microbatches=1
+      --config.data.source=local --config.data.text_glob=corpus_en --config.data.tokenizer=byte \
+      --config.train.global_batch_size=64 --config.train.microbatches=1
 
 First `launch/bench_train.py` times the compiled step on the run's own data (same config, same shardings, the first
-batches of the same training stream); then one training runs alone, then `--sharing` trainings run at once on the same accelerator. From each run's
+batches of the same training stream: every `--config.KEY=VALUE` reaches both, as written); then one training runs alone, then `--sharing` trainings run at once on the same accelerator. From each run's
 `metrics.jsonl` it takes the median tokens/s over steps [--from_step, --steps], its ratio to the step alone, the
 trend (the median of the last `--trend_steps` steps against that of the first `--trend_steps` of the window) and
 the median input wait. Where `nvidia-smi` exists, the GPU's clock, temperature and power are sampled every second
@@ -13,7 +13,6 @@ into gpu.csv, so a slowdown from the clocks shows apart from one in the software
 run_speed.json into --root.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -23,21 +22,43 @@ import sys
 import time
 
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from diffjax import metrics
+from diffjax import cli, metrics
+from diffjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'launch'))
-import bench_train  # noqa: E402  (a sibling script)
+
+CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key '
+                                         'for the bench and every run.', lock_config=True)
+ROOT = flags.DEFINE_string('root', 'runs/run_speed', 'Folder of the runs, gpu.csv and run_speed.json.')
+STEPS = flags.DEFINE_integer('steps', 1000, 'Steps of each training.')
+FROM_STEP = flags.DEFINE_integer('from_step', 100, 'First step of the measured window.')
+TREND_STEPS = flags.DEFINE_integer('trend_steps', 200, 'Steps at each end of the window that the trend compares.')
+LOG_EVERY = flags.DEFINE_integer('log_every', 10, 'log.every_steps of the trainings.')
+SHARING = flags.DEFINE_integer('sharing', 2, 'Trainings at once in the shared part (0: skip it).')
+BENCH_STEPS = flags.DEFINE_integer('bench_steps', 50, 'Timed steps of the step alone.')
 
 
-def train_command(args, workdir: str) -> list[str]:
+def config_arguments(argv: list[str]) -> list[str]:
+  """The config file and its `--config.KEY=VALUE` overrides as given, for the bench's and the runs' command lines."""
+  overrides = [arg for arg in argv if arg.startswith('--config.')]
+  for arg in overrides:
+    if '=' not in arg:
+      raise ConfigError(f'{arg}: write config overrides as --config.KEY=VALUE, with "="')
+  return [f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}', *overrides]
+
+
+def train_command(config_args: list[str], workdir: str) -> list[str]:
   # Evaluation and saves happen once, at the end: their time is left out of tokens/s anyway, but they would also
-  # interrupt the other runs sharing the device.
-  return [sys.executable, '-m', 'diffjax.train', f'--config={args.config}', f'--workdir={workdir}',
-          f'--config.train.steps={args.steps}', '--config.log.progress_bar=False',
-          f'--config.log.every_steps={args.log_every}', f'--config.log.eval_every_steps={args.steps}',
-          f'--config.checkpoint.every_steps={args.steps}', *(f'--config.{item}' for item in args.set)]
+  # interrupt the other runs sharing the device. The config file comes before any override (the flag parser asks
+  # for it), and the user's overrides come last, so they win.
+  steps = STEPS.value
+  config_file, *overrides = config_args
+  return [sys.executable, '-m', 'diffjax.train', f'--workdir={workdir}', config_file, f'--config.train.steps={steps}',
+          '--config.log.progress_bar=False', f'--config.log.every_steps={LOG_EVERY.value}',
+          f'--config.log.eval_every_steps={steps}', f'--config.checkpoint.every_steps={steps}', *overrides]
 
 
 def run_all(commands: list[tuple[str, list[str], str]], env: dict):
@@ -98,59 +119,47 @@ class GpuSampler:
     return summary
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/seed.py')
-  parser.add_argument('--root', default='runs/run_speed')
-  parser.add_argument('--steps', type=int, default=1000)
-  parser.add_argument('--from_step', type=int, default=100, help='first step of the measured window')
-  parser.add_argument('--trend_steps', type=int, default=200)
-  parser.add_argument('--log_every', type=int, default=10)
-  parser.add_argument('--sharing', type=int, default=2, help='trainings at once in the shared part (0: skip it)')
-  parser.add_argument('--bench_steps', type=int, default=50)
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='a config override for every run and the bench, as --config.KEY=VALUE of diffjax.train')
-  args = parser.parse_args()
-  os.makedirs(args.root, exist_ok=True)
-  config = bench_train.load_config(args.config)
-  bench_train.apply_overrides(config, args.set)
+def main(argv):
+  del argv
+  root, steps, from_step, trend_steps = ROOT.value, STEPS.value, FROM_STEP.value, TREND_STEPS.value
+  os.makedirs(root, exist_ok=True)
+  config, config_args = CONFIG.value, config_arguments(sys.argv[1:])
   variant = config.model.variant
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-  sampler = GpuSampler(os.path.join(args.root, 'gpu.csv'))
+  sampler = GpuSampler(os.path.join(root, 'gpu.csv'))
   try:
-    bench_json = os.path.join(args.root, 'bench_train.json')
-    subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'bench_train.py'), f'--config={args.config}',
-                    f'--variants={variant}', f'--batch={config.train.global_batch_size}', '--data=config',
-                    f'--microbatches={config.train.microbatches}', f'--steps={args.bench_steps}',
-                    f'--out={bench_json}', *(f'--set={item}' for item in args.set)], check=True, env=env, cwd=REPO)
+    bench_json = os.path.join(root, 'bench_train.json')
+    subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'bench_train.py'), f'--variants={variant}',
+                    '--data=config', f'--steps={BENCH_STEPS.value}', f'--out={bench_json}', *config_args],
+                   check=True, env=env, cwd=REPO)
     with open(bench_json) as f:
       step_speed = json.load(f)[0]['tokens_per_s']
-    groups = {'alone': [os.path.join(args.root, 'alone')]}
-    if args.sharing:
-      groups[f'{args.sharing} sharing'] = [os.path.join(args.root, f'shared_{i}') for i in range(args.sharing)]
+    groups = {'alone': [os.path.join(root, 'alone')]}
+    if SHARING.value:
+      groups[f'{SHARING.value} sharing'] = [os.path.join(root, f'shared_{i}') for i in range(SHARING.value)]
     for name, workdirs in groups.items():
       run_env = dict(env)
       if len(workdirs) > 1:  # JAX would otherwise give each process three quarters of the accelerator's memory
         run_env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / len(workdirs):.2f}'
       for workdir in workdirs:
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: a resumed one would train nothing
-      run_all([(f'{name} #{i}', train_command(args, w), w) for i, w in enumerate(workdirs)], run_env)
+      run_all([(f'{name} #{i}', train_command(config_args, w), w) for i, w in enumerate(workdirs)], run_env)
   finally:
     gpu = sampler.close()
   rows = []
   for name, workdirs in groups.items():
     for i, workdir in enumerate(workdirs):
-      speed = speed_of(workdir, args.from_step, args.steps, args.trend_steps)
+      speed = speed_of(workdir, from_step, steps, trend_steps)
       rows.append({'run': f'{name} #{i}' if len(workdirs) > 1 else name, 'workdir': workdir,
                    'of_step_speed': speed['median_tokens_per_s'] / step_speed, **speed})
-  result = {'config': args.config, 'overrides': args.set, 'variant': variant, 'steps': args.steps,
-            'window': [args.from_step, args.steps], 'step_tokens_per_s': step_speed, 'runs': rows, 'gpu': gpu}
-  with open(os.path.join(args.root, 'run_speed.json'), 'w') as f:
+  result = {'config': config_args[0].partition('=')[2], 'overrides': config_args[1:], 'variant': variant,
+            'steps': steps, 'window': [from_step, steps], 'step_tokens_per_s': step_speed, 'runs': rows, 'gpu': gpu}
+  with open(os.path.join(root, 'run_speed.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  print(f'{variant}, {args.config} {" ".join(args.set)}')
+  print(f'{variant}, {" ".join(config_args)}')
   print(f'train step alone (bench_train): {step_speed:,.0f} tokens/s')
   print(f'{"run":<14} {"median tokens/s":>16} {"of step":>8} {"trend":>7} {"data wait ms":>13}  '
-        f'(steps {args.from_step}-{args.steps})')
+        f'(steps {from_step}-{steps})')
   for r in rows:
     trend = f'{100 * r["trend"]:+6.1f}%' if r['trend'] is not None else '    n/a'
     print(f'{r["run"]:<14} {r["median_tokens_per_s"]:>16,.0f} {100 * r["of_step_speed"]:>7.1f}% {trend:>7} '
@@ -160,4 +169,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(cli.report_errors(main), flags_parser=cli.parse_flags)

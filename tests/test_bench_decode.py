@@ -36,7 +36,7 @@ def test_every_variant_and_batch_is_timed_and_printed(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None or importlib.util.find_spec('transformers') is None,
                     reason='needs torch and transformers')
 def test_hugging_face_rows_beside_diff_v1_and_the_baseline_only(tmp_path):
-  _, rows = run_bench(tmp_path, '--variants=diff_v1,diff_v2', '--batches=2', '--hf=1')
+  _, rows = run_bench(tmp_path, '--variants=diff_v1,diff_v2', '--batches=2', '--hf')
   assert [(r['engine'], r['variant']) for r in rows] == [('diffjax', 'diff_v1'), ('hf', 'diff_v1'),
                                                          ('diffjax', 'diff_v2')]
   assert all(r['decode_tokens_per_s'] > 0 for r in rows)

@@ -22,7 +22,7 @@ def test_alone_and_sharing_runs_are_measured_against_the_step(tmp_path):
   root = tmp_path / 'speed'
   command = [sys.executable, 'launch/run_speed.py', '--config=configs/tiny.py', f'--root={root}', '--steps=16',
              '--from_step=4', '--trend_steps=4', '--log_every=2', '--sharing=2', '--bench_steps=3',
-             *(f'--set={key}={value}' for key, value in overrides.items())]
+             *(f'--config.{key}={value}' for key, value in overrides.items())]
   result = subprocess.run(command, cwd=REPO, env=cli_env(compilation_cache=tmp_path / 'cache'), capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
