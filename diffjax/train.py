@@ -8,17 +8,33 @@ processes on one machine, or hosts without a cluster manager) start one process 
 the environment variables JAX_COORDINATOR_ADDRESS, DIFFJAX_NUM_PROCESSES and DIFFJAX_PROCESS_ID do the same.
 """
 
+import os
+import signal
 import time
 
 LAUNCHED = time.perf_counter()  # before the heavy imports below: `startup_s` counts from here
 
-import os  # noqa: E402
+
+def _stop_while_starting(signum, frame):
+  """SIGTERM or Ctrl-C during the imports: nothing is open or written yet, so the process just ends, in one line
+  rather than a KeyboardInterrupt traceback or a silent death. `main` puts its own watcher in place of this."""
+  del frame
+  os.write(1, f'stopped on request ({signal.Signals(signum).name}); there was nothing to save\n'.encode())
+  os._exit(0)
+
+
+for _signal in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(_signal, _stop_while_starting)
+
+import glob  # noqa: E402
+import shutil  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffjax import cli, metrics, trainer, validate  # noqa: E402
+from diffjax import data as data_lib  # noqa: E402
 from diffjax import workdir as workdir_lib  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
 
@@ -67,9 +83,29 @@ def join_processes():
                       '--coordinator_address=HOST:PORT --num_processes=N --process_id=I') from None
 
 
+def remove_partial_data(data_cfg):
+  """An exit on a signal skips the clean-up of data preparation, which writes FOLDER.partial-PID (diffjax.data)
+  and renames it when complete: no run ever reads that folder, but it would take its space for good."""
+  for folder in glob.glob(os.path.join(data_lib.data_root(data_cfg), '*', f'*.partial-{os.getpid()}')):
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @cli.report_errors
 def main(argv):
   del argv
+  if MULTIHOST.value:  # signals stay as JAX's preemption service (SIGTERM) and Python (Ctrl-C) set them up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  # First of all: a signal at any moment from here on ends the run within seconds, or saves it once it trains.
+  watcher = trainer.PreemptionWatcher(signals=() if MULTIHOST.value else (signal.SIGTERM, signal.SIGINT),
+                                      saving=False)
+  try:
+    train(watcher)
+  finally:
+    watcher.close()
+
+
+def train(watcher: trainer.PreemptionWatcher):
   if CONFIG.value is None or not WORKDIR.value:  # an empty --workdir would mean the current directory
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
   workdir_lib.check_local(WORKDIR.value, '--workdir')
@@ -83,8 +119,9 @@ def main(argv):
   elif COORDINATOR.value or NUM_PROCESSES.value is not None or PROCESS_ID.value is not None:
     raise ConfigError('--coordinator_address, --num_processes and --process_id need --multihost')
   validate.check_config(config, workdir)
+  watcher.cleanups.append(lambda: remove_partial_data(config.data))
   run = trainer.Run(config, workdir, launched=LAUNCHED)
-  summary = run.train()
+  summary = run.train(watcher)
   if summary['preempted']:  # the grace period after SIGTERM is short: no sample, no plots
     return
   text = run.sample(config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)

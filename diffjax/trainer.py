@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -58,18 +59,69 @@ class NonFiniteError(RuntimeError):
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM (how TPU VMs and SLURM announce preemption) and Ctrl-C into a request to save and stop.
+  """Turns SIGTERM (how TPU VMs and SLURM announce preemption) and Ctrl-C into a stop, at any moment of a run.
 
-  With several hosts, JAX's preemption service catches SIGTERM and picks the step at which all hosts save;
-  a Python handler would replace the service's, so none is installed there.
+  While the loop trains (`saving`), a signal is a request: the loop saves the step it is on and stops
+  (`should_stop`). Otherwise there is nothing to save (start-up, or training over and saved), and a signal ends
+  the process within moments: the workdir's lock released, one line, exit status 0. Python runs signal handlers only
+  between bytecodes of the main thread, which may sit in C++ for minutes (compiling the step); but Python's C-level
+  handler writes each signal to the wakeup fd whatever the main thread does, and that wakes a thread of ours, which
+  ends the process with os._exit.
+
+  With several hosts, JAX's preemption service catches SIGTERM and picks the step at which all hosts save; a
+  Python handler would replace the service's, so none is installed there (`signals` empty).
   """
 
-  def __init__(self):
-    self.requested = threading.Event()
-    self.previous = {}
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self.previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
+  def __init__(self, signals=None, saving: bool = True):
+    """`signals`: those to handle, by default SIGTERM and SIGINT on one host (so it asks jax.process_count, which a
+    run that is still to join its peers must not: it passes them); `saving`: whether the loop is training."""
+    if signals is None:
+      signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+    self.requested, self.saving = threading.Event(), saving
+    self.note = 'there was nothing to save'  # the end of the line an exit prints
+    self.cleanups = []  # called before an exit: what a skipped clean-up would otherwise leave behind
+    self._exiting, self.previous, self._wakeup, self._signum = threading.Lock(), {}, None, signal.SIGTERM
+    if signals and threading.current_thread() is threading.main_thread():
+      read, write = os.pipe()
+      os.set_blocking(write, False)  # Python's C handler must never block
+      self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+      threading.Thread(target=self._watch, args=(read,), name='diffjax-signals', daemon=True).start()
+      for sig in signals:
+        self.previous[sig] = signal.signal(sig, self._request)
+
+  def _request(self, signum, frame):
+    del frame
+    self._signum = signum
+    self.requested.set()
+
+  def _watch(self, read: int):
+    try:
+      while signal_byte := os.read(read, 1):  # empty once `close` has closed the write end
+        if not self.saving and signal_byte[0] in self.previous:  # other handlers' signals come here too
+          self._exit(signal_byte[0])
+    finally:
+      os.close(read)
+
+  def _exit(self, signum: int):
+    with self._exiting:  # the watching thread and the main thread may both get here; the first one exits
+      workdir_lib.release()
+      for cleanup in self.cleanups:
+        cleanup()
+      for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+      os.write(sys.stdout.fileno(), f'stopped on request ({signal.Signals(signum).name}); {self.note}\n'.encode())
+      os._exit(0)
+
+  def start_saving(self):
+    """The loop trains: a signal from now on asks it to save and stop."""
+    self.saving = True
+
+  def stop_saving(self, note: str):
+    """Nothing is left to save (`note` says why): a signal from now on ends the process, and one that came while
+    the loop was ending does so now."""
+    self.note, self.saving = note, False
+    if self.requested.is_set():
+      self._exit(self._signum)
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:  # every host must agree on the step at which all of them save
@@ -79,6 +131,12 @@ class PreemptionWatcher:
   def close(self):
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
+    self.previous = {}
+    if self._wakeup:
+      write, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.close(write)  # the watching thread reads the end and stops
+      self._wakeup = None
 
 
 @jax.jit
@@ -184,19 +242,31 @@ class Run:
   def _to_device(self, batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
 
-  def train(self) -> dict:
+  def train(self, watcher: PreemptionWatcher | None = None) -> dict:
+    """Trains to `train.steps`, or until a signal asks it to save and stop.
+
+    `watcher`: the process's own, which ends the process on a signal until the first step has compiled, and again
+    once the loop has ended and saved; by default one that asks the loop to save from the start.
+    """
     config, tc, log = self.config, self.config.train, self.config.log
     os.makedirs(self.workdir, exist_ok=True)
     iterator = self.pipeline.train_iterator(to_device=self._to_device)
-    step, state = jax.block_until_ready(self.initial_state(iterator))
+    try:
+      step, state = jax.block_until_ready(self.initial_state(iterator))
+    except BaseException:  # its reading threads would otherwise run on while the error is reported
+      iterator.close()
+      raise
     self.startup['state_ready_s'] = time.perf_counter() - self.started
     if jax.process_index() == 0:  # only now: a workdir of another run keeps its config.json
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+      path = os.path.join(self.workdir, 'config.json')
+      with open(f'{path}.partial', 'w') as f:  # renamed when complete: an exit mid-write leaves no torn file
         json.dump(config.to_dict(), f, indent=2)
+      os.replace(f'{path}.partial', path)
     writer = metrics_lib.MetricsWriter(self.workdir, print_fn=say)
     flops_per_token = metrics_lib.flops_per_token(self.cfg, tc.seq_len)
     peak = metrics_lib.peak_flops_per_device(log.peak_flops_per_device)
-    watcher = PreemptionWatcher()
+    own_watcher = watcher is None
+    watcher = PreemptionWatcher() if own_watcher else watcher
     profiler = StepProfiler(log, self.workdir)
     say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, mesh '
         f'{dict(self.mesh.shape)}, {tc.global_batch_size} x {tc.seq_len} tokens per step')
@@ -221,6 +291,7 @@ class Run:
       while step < tc.steps:
         profiler.before_step(step + 1)
         state, step_metrics = self.train_fn(state, next(iterator))
+        watcher.start_saving()  # compiled, and running: from here a stop saves this step
         step += 1
         bar.update(1)
         if profiler.after_step(step, (state, step_metrics)):
@@ -261,9 +332,12 @@ class Run:
       profiler.close()
       iterator.close()
       bar.close()
-      watcher.close()
+      if own_watcher:
+        watcher.close()
       self.checkpoints.wait()
       writer.close()
+    if not own_watcher and not preempted:
+      watcher.stop_saving(f'training had ended; last checkpoint: {self._last_good()}')
     self.state = state
     return {**last, 'step': step, 'preempted': preempted}
 
