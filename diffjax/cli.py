@@ -71,10 +71,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   absl prints two lines for a bad value, and ml_collections raises a traceback for an override of a config key
   that does not exist or a config file that does not run.
   """
+  debug = any(re.fullmatch(r'--debug(=(true|True|1))?', arg) for arg in argv)
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
   except Exception as error:  # whatever the parser raises, the cause is on the command line or in the config file
-    _fail(_flag_error(error, argv), any(re.fullmatch(r'--debug(=(true|True|1))?', arg) for arg in argv))
+    _fail(_flag_error(error, argv), debug)
+  if len(remaining) > 1:  # no command takes positional arguments: a stray word is a mistake, never to be ignored
+    _fail(f'{remaining[1]}: unexpected argument; this command takes --name=value flags only (quote a value that '
+          "holds spaces, e.g. --prompt='def main'); see --helpfull for the flags", debug)
+  return remaining
 
 
 def _flag_error(error: Exception, argv: list[str]) -> str:
