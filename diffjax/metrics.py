@@ -10,12 +10,14 @@ MFU compares variants at equal work. MFU = tokens/s * FLOPs per token / (devices
 import json
 import logging
 import os
+import secrets
 
 import jax
 import numpy as np
 
 from diffjax import model as model_lib
 from diffjax.config import ModelConfig
+from diffjax.errors import ConfigError
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets.
 PEAK_FLOPS = {
@@ -47,17 +49,24 @@ def to_python(value):
 
 
 class MetricsWriter:
-  """Appends JSON records to WORKDIR/metrics.jsonl and scalars to TensorBoard; prints one line per record."""
+  """Appends JSON records to WORKDIR/metrics.jsonl and scalars to TensorBoard, and with `wandb_project` to Weights &
+  Biases; prints one line per record.
 
-  def __init__(self, workdir: str, *, print_fn=print):
+  The W&B run's id is kept in WORKDIR/wandb_id, so a resumed training continues the same W&B run. W&B's own
+  settings come from its environment (`WANDB_MODE=offline` logs without a network, for `wandb sync` later).
+  """
+
+  def __init__(self, workdir: str, *, print_fn=print, wandb_project: str = '', run_config: dict | None = None):
     self.is_chief = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.print_fn = print_fn
-    self.tensorboard = None
+    self.tensorboard = self.wandb = None
     if self.is_chief:
       _end_torn_line(self.path)
       from tensorboardX import SummaryWriter  # imported lazily: it is only needed on the chief host
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if wandb_project:
+        self.wandb = _wandb_run(workdir, wandb_project, run_config or {})
 
   def write(self, step: int, record: dict):
     if not self.is_chief:
@@ -65,18 +74,45 @@ class MetricsWriter:
     record = {'step': step, **{k: to_python(v) for k, v in record.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    for key, value in record.items():
-      if key == 'step':
-        continue
-      for suffix, scalar in (enumerate(value) if isinstance(value, list) else [(None, value)]):
-        if isinstance(scalar, (int, float)):
-          self.tensorboard.add_scalar(key if suffix is None else f'{key}/layer_{suffix}', scalar, step)
+    scalars = dict(_scalars(record))
+    for key, value in scalars.items():
+      self.tensorboard.add_scalar(key, value, step)
     self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step, commit=True)
     self.print_fn(format_line(record))
 
   def close(self):
     if self.tensorboard is not None:
       self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _scalars(record: dict):
+  """(name, number) for each number of a record; a list (one value per layer) gives `name/layer_i`."""
+  for key, value in record.items():
+    if key == 'step':
+      continue
+    for suffix, scalar in (enumerate(value) if isinstance(value, list) else [(None, value)]):
+      if isinstance(scalar, (int, float)):
+        yield (key if suffix is None else f'{key}/layer_{suffix}'), scalar
+
+
+def _wandb_run(workdir: str, project: str, run_config: dict):
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel  (an optional dependency: pip install -e ".[wandb]")
+  except ImportError:
+    raise ConfigError('log.wandb_project: the wandb package is not installed; pip install -e ".[wandb]", or leave '
+                      'log.wandb_project empty') from None
+  id_path = os.path.join(workdir, 'wandb_id')
+  if not os.path.exists(id_path):
+    with open(id_path, 'w') as f:
+      f.write(secrets.token_hex(4))
+  with open(id_path) as f:
+    run_id = f.read().strip()
+  return wandb.init(project=project, id=run_id, resume='allow', dir=workdir, config=run_config,
+                    name=os.path.basename(os.path.normpath(workdir)))
 
 
 def format_line(record: dict) -> str:
