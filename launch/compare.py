@@ -8,8 +8,10 @@ An arm is a variant plus config overrides, `NAME=VARIANT:KEY=VALUE:KEY=VALUE` (a
 Every run is a plain `python -m diffjax.train` in its own workdir ROOT/ARM_seedS, and the runs of one seed are
 paired: they read the same batches (the data order depends only on the data config, the sequence length, the batch
 size and the seed, which no arm may change) and start from the same weights wherever they share a parameter (the
-same path and shape): each arm's fresh initialisation for the seed, with every shared parameter overwritten by the
-reference arm's, is saved under ROOT/init/ and given to the run as `checkpoint.init_from`.
+same path and shape, drawn from the same initialiser): each arm's fresh initialisation for the seed, with every
+shared parameter overwritten by the reference arm's, is saved under ROOT/init/ and given to the run as
+`checkpoint.init_from`. An arm that initialises a shared parameter otherwise (model.embed_init_std, ...) keeps its
+own draw of it, and says so.
 
 For each arm it reports the gap of its final validation loss to the reference arm's (arm minus reference, so
 positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, as a
@@ -238,8 +240,9 @@ def save_params(params: dict, directory: str):
 def write_initial_weights(runs: list[Run], needed: list[Run], reference: Arm):
   """ROOT/init/ARM_seedS for each needed run that has none: the arm's fresh init (the trainer's own draw for its
   seed), with the parameters it shares with the reference arm taken from the reference's."""
-  fresh = lambda run: train_step.new_params(
-      defaults.model_config(run.config, data_lib.tokenizer_vocab_size(run.config.data)), jax.random.key(run.seed))
+  draw = jax.jit(train_step.new_params, static_argnums=0)  # compiled once per arm, drawn for every seed
+  fresh = lambda run: draw(defaults.model_config(run.config, data_lib.tokenizer_vocab_size(run.config.data)),
+                           jax.random.key(run.seed))
   for seed in sorted({run.seed for run in needed}):
     missing = [run for run in needed if run.seed == seed and not os.path.isdir(run.init_dir)]
     if not missing:
@@ -278,10 +281,10 @@ def progress_line(index: str, run: Run, started: float) -> str:
   train = [r for r in records if 'loss' in r]
   evals = [r for r in records if 'eval_loss' in r]
   if not train:
-    return f'{index} {run.name}: starting ({time.time() - started:.0f} s)'
+    return f'{index} {run.name}: starting, compiling ({time.time() - started:.0f} s)'
   step, total = train[-1]['step'], run.config.train.steps
   speed = train[-1].get('tokens_per_s', 0) / (run.config.train.global_batch_size * run.config.train.seq_len)
-  eta = f', about {(total - step) / speed / 60:.1f} min left' if speed > 0 else ''
+  eta = f', about {(total - step) / speed / 60:.1f} min left' if speed > 0 and step < total else ''
   val = f', validation {evals[-1]["eval_loss"]:.4f} at step {evals[-1]["step"]}' if evals else ''
   return f'{index} {run.name}: step {step}/{total} ({100 * step / total:.0f}%), loss {train[-1]["loss"]:.4f}{val}{eta}'
 
@@ -404,7 +407,7 @@ def report(arms: list[Arm], reference: Arm, results: dict[tuple[str, int], dict]
 
 
 def table(arms: list[Arm], reference: Arm, summary: dict) -> str:
-  lines = [f'{"arm":<20}{"variant":<10}{"seeds":>6}{"val loss":>10}{"gap":>10}{"95% CI of the gap":>22}  '
+  lines = [f'{"arm":<20}{"variant":<10}{"seeds":>6}{"final val":>10}{"gap":>10}{"95% CI of the gap":>22}  '
            f'{"tokens/s":>11}  per seed (arm - {reference.name})']
   for arm in arms:
     s = summary[arm.name]

@@ -107,13 +107,16 @@ def test_arms_of_a_seed_read_identical_batches(tmp_path):
   assert runs[4].seed == 1 and not np.array_equal(batches(runs[4])[0], first[0])  # the seed does matter
 
 
+_new_params = jax.jit(train_step.new_params, static_argnums=0)  # the trainer's own draw, as it runs it: jitted
+
+
 def _load_init(run):
   """The parameters a run starts from, read by the trainer's own `checkpoint.init_from` loader."""
   cfg = defaults.model_config(run.config, data.tokenizer_vocab_size(run.config.data))
   abstract = nn.meta.unbox(model_lib.abstract_params(cfg)['params'])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = checkpoint_lib.load_params(run.init_dir, abstract, jax.tree.map(lambda _: device, abstract))
-  fresh = train_step.new_params(cfg, jax.random.key(run.seed))
+  fresh = _new_params(cfg, jax.random.key(run.seed))
   flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   return flat(params), flat(fresh)
 
