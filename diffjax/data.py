@@ -9,8 +9,8 @@ Document boundaries are the EOS tokens inside a row.
 
 Training reads rows by index: each epoch is a fresh permutation of all rows (Grain's MapDataset shuffle and
 repeat), so a batch mixes the whole corpus even when documents are books. The stream's position is the number of
-batches taken, so a resume is exact with no other state. Batches are read ahead by threads and put on the devices
-ahead of the step. A batch is a dict of arrays:
+batches taken, so a resume is exact with no other state. Batches are read ahead by Grain's threads and put on the
+devices ahead of the step by Grain's prefetch thread. A batch is a dict of arrays:
   inputs  int32   (batch_size, seq_len)  tokens 0..seq_len-1 of each row
   targets int32   (batch_size, seq_len)  tokens 1..seq_len, the next token after each input
   mask    float32 (batch_size, seq_len)  1 where the target is a real token, 0 on padding
@@ -21,9 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -389,7 +387,7 @@ class InputPipeline:
 
 
 class TrainIterator:
-  """Endless training batches, read ahead by threads and put on the devices by a background thread.
+  """Endless training batches, read ahead by Grain's threads and put on the devices by Grain's prefetch thread.
 
   `get_state()` is a JSON dict: the corpus and the number of batches taken. `set_state(state)` on an iterator of
   the same prepared data (in this process or a later one) makes it yield the very batches that followed.
@@ -400,44 +398,27 @@ class TrainIterator:
     self._pipeline, self._to_device = pipeline, to_device
     self._batches = pipeline.train_batches()
     self.wait_seconds = 0.0
-    self._thread = None
+    self._iterator = None
     self._start(0)
 
   def _start(self, position: int):
+    """Reads from batch `position` on: the stream is indexed by batch, so a position is all a resume needs."""
     self.close()
     self._position = position
-    self._queue = queue.Queue(maxsize=self._pipeline._prefetch_batches)
-    self._stop = threading.Event()
-    host_batches = iter(self._batches[position:].to_iter_dataset(
-        grain.ReadOptions(num_threads=self._pipeline._read_threads,
-                          prefetch_buffer_size=2 * self._pipeline._read_threads)))
-    self._thread = threading.Thread(target=self._fill, args=(host_batches, self._queue, self._stop), daemon=True)
-    self._thread.start()
-
-  def _fill(self, host_batches, out: queue.Queue, stop: threading.Event):
-    try:
-      for batch in host_batches:
-        item = (self._to_device(batch), None)
-        while not stop.is_set():
-          try:
-            out.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-    except BaseException as error:  # handed to the consumer, which raises it where the loop can report it
-      out.put((None, error))
+    threads = self._pipeline._read_threads
+    host_batches = self._batches[position:].to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+    # The copy to the devices runs in the prefetch thread, so the step never waits for it.
+    self._iterator = iter(grain.experimental.ThreadPrefetchIterDataset(
+        host_batches.map(self._to_device), prefetch_buffer_size=self._pipeline._prefetch_batches))
 
   def __iter__(self) -> 'TrainIterator':
     return self
 
   def __next__(self):
     start = time.perf_counter()
-    batch, error = self._queue.get()
+    batch = next(self._iterator)
     self.wait_seconds += time.perf_counter() - start
-    if error is not None:
-      raise error
     self._position += 1
     return batch
 
@@ -454,11 +435,10 @@ class TrainIterator:
     self._start(int(state['next_batch']))
 
   def close(self) -> None:
-    """Stops the prefetch thread (it ends on its own at exit: it is a daemon)."""
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join(timeout=5)
-      self._thread = None
+    """Stops the prefetch thread."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
 
 def batch_of_rows(rows_BxL: np.ndarray, tokenizer: tokenizers.Tokenizer) -> Batch:
