@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -102,11 +103,20 @@ class Checkpointer:
                       'from it') from error
 
   def _purge_deleted(self):
-    """Deletes the steps Orbax retired; an entry it renames in meanwhile waits for the next call."""
+    """Deletes the steps Orbax retired; an entry it renames in meanwhile waits for the next call.
+
+    A retired step that is a link is removed as a link (rmtree refuses links, and a relative one dangles once
+    moved here): what it points to is not deleted through it.
+    """
     folder = os.path.join(self.directory, DELETING)
     if not self.read_only and jax.process_index() == 0 and os.path.isdir(folder):
       for name in os.listdir(folder):
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        path = os.path.join(folder, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        else:
+          shutil.rmtree(path, ignore_errors=True)
 
   def latest_config(self) -> tuple[int, dict] | None:
     """(step, config) of the newest step whose config can be read; damaged steps are left to `restore_latest`."""
@@ -259,8 +269,20 @@ def drop_failed_reads():
     sys.unraisablehook = hook
 
 
+# Orbax wraps a failed array read as 'Encountered error while reading array index: ... See full TensorStore details:
+# <bound method ...spec of TensorStore({...})>' (the method, not its result); the error it chains says what failed.
+_TENSORSTORE_DETAILS = re.compile(r'\s*See full TensorStore details:.*', re.DOTALL)
+
+
 def first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
+  """`Type: the message's first line`, for a one-line warning or error; Orbax's wrapping of TensorStore's errors
+  gives way to the error it wraps."""
+  text = str(error)
+  if _TENSORSTORE_DETAILS.search(text):
+    if error.__cause__ is not None:
+      return first_line(error.__cause__)
+    text = _TENSORSTORE_DETAILS.sub('', text)
+  lines = text.strip().splitlines()
   return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
 
 

@@ -5,6 +5,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 import traceback
 
 import ml_collections
@@ -41,9 +42,16 @@ def report_errors(main):
       # traceback at ERROR, which the run reports in one line; they log through absl's logger, diffjax through
       # the standard one, so diffjax's warnings still show.
       std_logging.getLogger('absl').setLevel(std_logging.CRITICAL)
+      # Exceptions that Python or asyncio can only print (raised in a destructor, a coroutine or task nobody
+      # awaits, a background thread) come from the threads of a failed read or save, which the main thread
+      # reports in its own line; printed, they put tracebacks before or after that line (--debug shows them).
+      sys.unraisablehook = lambda unraisable: None
+      std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+      threading.excepthook = _one_line_for_threads
+    else:
+      sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
     if not sys.stderr.isatty():  # in a log file, TFDS's progress bars while preparing data are only noise
       tfds.disable_progress_bar()
-    sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
     try:
       return main(argv)
     except SaveError as error:
@@ -54,6 +62,13 @@ def report_errors(main):
     except (ConfigError, NonFiniteError) as error:
       _fail(str(error), DEBUG.value)
   return wrapped
+
+
+def _one_line_for_threads(args):
+  if args.exc_type is not SystemExit:
+    std_logging.getLogger('diffjax').warning('thread %s stopped: %s: %s (--debug shows the traceback)',
+                                             args.thread.name if args.thread else '?', args.exc_type.__name__,
+                                             str(args.exc_value).strip().split('\n')[0][:200])
 
 
 def _without_closed_loops(unraisablehook):

@@ -104,13 +104,15 @@ class PreemptionWatcher:
 
   def _exit(self, signum: int):
     with self._exiting:  # the watching thread and the main thread may both get here; the first one exits
-      workdir_lib.release()
-      for cleanup in self.cleanups:
-        cleanup()
-      for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-      os.write(sys.stdout.fileno(), f'stopped on request ({signal.Signals(signum).name}); {self.note}\n'.encode())
-      os._exit(0)
+      try:
+        workdir_lib.release()
+        for cleanup in self.cleanups:
+          cleanup()
+        for stream in (sys.stdout, sys.stderr):
+          stream.flush()
+        os.write(sys.stdout.fileno(), f'stopped on request ({signal.Signals(signum).name}); {self.note}\n'.encode())
+      finally:
+        os._exit(0)
 
   def start_saving(self):
     """The loop trains: a signal from now on asks it to save and stop."""
