@@ -511,9 +511,15 @@ def configure(args) -> tuple[list[Arm], Arm, list[int], list[Run]]:
     raise ConfigError(f'--seeds: {args.seeds} repeats a seed')
   if args.parallel < 1 or args.max_runs < 0:
     raise ConfigError('--parallel must be at least 1 and --max_runs 0 or more')
+  if not os.path.isfile(args.config):
+    raise ConfigError(f'--config: {args.config} is not a file; give one such as configs/seed.py')
   for item in args.set:
     if _matches(item.split('=', 1)[0], ('seed', 'model.variant', 'checkpoint.init_from')):
       raise ConfigError(f'--set {item}: set by each arm and --seeds, not for all runs')
+  try:
+    load_config(args.config, args.set)  # so that a mistake here is not blamed on the first arm
+  except ConfigError as error:
+    raise ConfigError(f'--set: {error}') from None
   return arms, reference, seeds, plan_runs(args, arms, seeds)
 
 

@@ -62,7 +62,8 @@ def test_each_run_trains_its_arm_with_everything_else_equal(tmp_path):
     config = run.config
     assert (config.model.variant, config.seed, config.train.steps) == (run.arm.variant, run.seed, 7)
     assert config.model.diff_head_norm == (run.arm.name != 'diff_v1_nonorm')
-    assert config.checkpoint.init_from == str(tmp_path.resolve() / 'init' / f'{run.arm.name}_seed{run.seed}')
+    init_dir = os.path.join(os.path.abspath(tmp_path), 'init', f'{run.arm.name}_seed{run.seed}')
+    assert config.checkpoint.init_from == run.init_dir == init_dir
   flat = lambda run: {k: v for k, v in defaults.flatten(run.config.to_dict()).items()
                       if k not in ('model.variant', 'model.diff_head_norm', 'checkpoint.init_from', 'seed')}
   assert all(flat(run) == flat(runs[0]) for run in runs)
@@ -73,7 +74,9 @@ def test_each_run_trains_its_arm_with_everything_else_equal(tmp_path):
     (['--reference=diff_v2'], 'not one of the arms'),
     (['--seeds=0,zero'], 'comma-separated integers'),
     (['--set=seed=3'], 'set by each arm'),
-    (['--set=model.nope=1'], 'model.nope=1: unknown config key'),
+    (['--set=model.nope=1'], '^--set: model.nope=1: unknown config key'),
+    (['--set=model.d_model=wide'], r'^--set: flag --config\.model\.d_model=wide: invalid literal'),
+    (['--config=configs/none.py'], r'^--config: configs/none\.py is not a file'),
     (['--arms=x=diff_v1:model.lambda_init=1.5:model.lambda_init_drop=0'], r'arm x: model\.lambda_init: '),
 ])
 def test_a_bad_command_is_refused_in_one_line(tmp_path, flags, match):
