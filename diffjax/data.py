@@ -44,6 +44,8 @@ TOKENIZERS = ('byte', 'sentencepiece')
 TOKENIZER_FILE = 'tokenizer.model'
 META_FILE = 'meta.json'
 Batch = dict[str, np.ndarray]
+# What a batch holds (the module docstring): name -> dtype, each (batch_size, seq_len).
+BATCH_DTYPES = {'inputs': np.int32, 'targets': np.int32, 'mask': np.float32, 'segment_ids': np.int32}
 # Validation batches are drawn the same way in every run, whatever its seed, so runs compare.
 _EVAL_SEED = 0
 _ROWS_PER_SHARD = 16_384
@@ -444,8 +446,9 @@ class TrainIterator:
 def batch_of_rows(rows_BxL: np.ndarray, tokenizer: tokenizers.Tokenizer) -> Batch:
   """The batch (module docstring) of rows of seq_len + 1 tokens that overlap their neighbours by one."""
   inputs, targets = np.ascontiguousarray(rows_BxL[:, :-1]), np.ascontiguousarray(rows_BxL[:, 1:])
-  return {'inputs': inputs, 'targets': targets, 'mask': (targets != tokenizer.pad_id).astype(np.float32),
-          'segment_ids': segment_ids(inputs, tokenizer.eos_id)}
+  batch = {'inputs': inputs, 'targets': targets, 'mask': targets != tokenizer.pad_id,
+           'segment_ids': segment_ids(inputs, tokenizer.eos_id)}
+  return {key: value.astype(BATCH_DTYPES[key], copy=False) for key, value in batch.items()}
 
 
 def segment_ids(inputs_BxT: np.ndarray, eos_id: int) -> np.ndarray:

@@ -10,27 +10,23 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffjax import losses
+from diffjax import data, losses
 from diffjax import model as model_lib
 from diffjax.config import ModelConfig
 from diffjax.sharding import LOGICAL_AXIS_RULES
 
-BATCH_AXES = ('data', 'fsdp')
 State = dict[str, Any]  # {'step', 'params', 'opt_state', 'nonfinite_steps', 'first_nonfinite_step'}
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
-
-
-# What a batch holds (diffjax.data's batches): name -> dtype, each (batch, seq_len).
-BATCH_DTYPES = {'inputs': jnp.int32, 'targets': jnp.int32, 'mask': jnp.float32, 'segment_ids': jnp.int32}
+  """A batch's rows spread as the logical 'batch' axis of the rules table."""
+  return nn.logical_to_mesh_sharding(P('batch'), mesh, LOGICAL_AXIS_RULES)
 
 
 def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
-  """ShapeDtypeStructs of a batch, for compiling the steps ahead of time."""
+  """ShapeDtypeStructs of a batch (`diffjax.data.BATCH_DTYPES`), for compiling the steps ahead of time."""
   return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
-          for key, dtype in BATCH_DTYPES.items()}
+          for key, dtype in data.BATCH_DTYPES.items()}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
