@@ -24,7 +24,7 @@ def slow_write_split(*args, **kwargs):
   time.sleep(60)
   return result
 data._write_split = slow_write_split
-sys.argv = sys.argv[:1] + sys.argv[2:]
+sys.argv = sys.argv[:1] + sys.argv[3:]  # drop `-m diffjax.train`
 runpy.run_module('diffjax.train', run_name='__main__')
 """
 
