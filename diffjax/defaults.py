@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (TensorBoard's profile plugin and Perfetto read it; launch/profile_summary.py prints the top device ops).
   c.log.profile_start_step = 0  # 0: no trace
   c.log.profile_steps = 5
+  c.log.wandb_project = ''  # a Weights & Biases project to log to as well (pip install -e ".[wandb]"); '': none
   c.log.sample_prompt = 'def '
   c.log.sample_tokens = 200
   c.log.sample_temperature = 0.8

@@ -264,7 +264,8 @@ class Run:
       with open(f'{path}.partial', 'w') as f:  # renamed when complete: an exit mid-write leaves no torn file
         json.dump(config.to_dict(), f, indent=2)
       os.replace(f'{path}.partial', path)
-    writer = metrics_lib.MetricsWriter(self.workdir, print_fn=say)
+    writer = metrics_lib.MetricsWriter(self.workdir, print_fn=say, wandb_project=log.wandb_project,
+                                       run_config=config.to_dict())
     flops_per_token = metrics_lib.flops_per_token(self.cfg, tc.seq_len)
     peak = metrics_lib.peak_flops_per_device(log.peak_flops_per_device)
     own_watcher = watcher is None

@@ -43,3 +43,15 @@ def test_without_a_project_nothing_goes_to_wandb(tmp_path):
   writer.write(1, {'loss': 3.0})
   writer.close()
   assert writer.wandb is None and not (tmp_path / 'wandb').exists()
+
+
+def test_a_training_run_logs_to_its_project(tmp_path):
+  from diffjax import trainer
+  from helpers_training import load_config, run_overrides, write_corpus
+  corpus = write_corpus(tmp_path / 'corpus', num_docs=4, chars_per_doc=20_000)
+  config = load_config(run_overrides(corpus, tmp_path / 'data', train__steps=8, log__wandb_project='diffjax-test',
+                                     checkpoint__every_steps=8, log__eval_every_steps=8))
+  (tmp_path / 'run').mkdir()
+  trainer.Run(config, str(tmp_path / 'run')).train()
+  assert (tmp_path / 'run' / 'wandb_id').exists()
+  assert glob.glob(str(tmp_path / 'run' / 'wandb' / 'offline-run-*' / '*.wandb'))
