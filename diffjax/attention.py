@@ -54,20 +54,31 @@ def _causal_softmax(logits_xTxS, visible_xTxS=None):
 _warned = set()
 
 
-def resolve_impl(requested: str, dtype, head_dim: int) -> str:
-  """Maps `auto` to the fastest kernel that can run here; checks that an explicit choice can run at all."""
+def resolve_impl(cfg: ModelConfig, cached: bool = False) -> str:
+  """The kernel a layer of `cfg` runs, from the platform, variant, dtype and head width: `auto` becomes the fastest
+  that can run here, an explicit choice that cannot run is a ConfigError. The only place these rules live: the
+  config check before a run starts and the layers themselves both ask here.
+
+  With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask.
+  """
+  requested, head_dim = cfg.attention_impl, cfg.head_dim
   on_gpu = jax.default_backend() == 'gpu'
-  half_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  half_precision = jnp.dtype(cfg.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   cudnn_ok = on_gpu and half_precision and head_dim % 8 == 0 and head_dim <= 128
   if requested == 'cudnn' and not cudnn_ok:
     reason = ('there is no GPU' if not on_gpu else 'it needs model.dtype bfloat16 or float16' if not half_precision
               else 'it needs a head width that is a multiple of 8 and at most 128')
     raise ConfigError(f"model.attention_impl: 'cudnn' cannot run here ({reason}); use 'auto' or 'xla'")
+  if requested == 'pallas' and cfg.variant != 'diff_v1':
+    raise ConfigError(f"model.attention_impl: 'pallas' has a kernel for diff_v1 only, not {cfg.variant}; use "
+                      "'auto', 'xla' or 'cudnn'")
   if requested == 'pallas' and not (on_gpu or pallas_attention.interpret_requested()):
     raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {pallas_attention.INTERPRET_ENV}=1 "
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
   if requested == 'pallas' and not pallas_attention.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
+  if cached:
+    return 'xla'
   if requested != 'auto':
     return requested
   if cudnn_ok:
@@ -100,8 +111,6 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   mask (the cache path; `xla` only).
   """
   scale = q_BxTxNxD.shape[-1] ** -0.5
-  if impl == 'pallas':
-    raise ConfigError("model.attention_impl: 'pallas' has a kernel for diff_v1 only; use 'auto', 'xla' or 'cudnn'")
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
     mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
@@ -208,7 +217,7 @@ def _keys_values(cfg: ModelConfig, k_BxTxKxD, v_BxTxKxW, positions_BxT, cache):
   """(keys, values, impl, visible mask, cache) the attention runs on: this call's own keys and values causally,
   or, with a cache, the cache after storing them at their positions' slots."""
   if cache is None:
-    return k_BxTxKxD, v_BxTxKxW, resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim), None, None
+    return k_BxTxKxD, v_BxTxKxW, resolve_impl(cfg), None, None
   # Row b's tokens sit at consecutive positions from positions[b, 0] (rows may be at different positions).
   put = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype),
                                                                                 start, axis=0))
@@ -216,8 +225,7 @@ def _keys_values(cfg: ModelConfig, k_BxTxKxD, v_BxTxKxW, positions_BxT, cache):
   cache = {'k': put(cache['k'], k_BxTxKxD, start_B), 'v': put(cache['v'], v_BxTxKxW, start_B)}
   slots = cache['k'].shape[1]
   visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
-  # One query per row against a masked cache: the einsum path serves every kernel choice.
-  return cache['k'], cache['v'], 'xla', visible_BxTxS, cache
+  return cache['k'], cache['v'], resolve_impl(cfg, cached=True), visible_BxTxS, cache
 
 
 def _positions(x_BxTxE, positions_BxT, cache):

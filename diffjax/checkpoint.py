@@ -33,7 +33,9 @@ ITEMS = ('state', 'data', 'config', 'checksums')
 # Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where
 # the same model and data are computed and read.
 RUN_IDENTITY = ('model', 'data', 'train.seq_len')
-NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'model.remat_policy', 'data.data_dir', 'data.num_workers')
+# How a run computes or reads, not what it computes or reads: changing these resumes the same run.
+NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'model.remat_policy', 'data.data_dir', 'data.read_threads',
+                'data.prefetch_batches', 'data.max_undecodable_fraction')
 # Orbax renames steps beyond `keep` into this subdirectory (one atomic rename), where they are deleted.
 DELETING = '.deleting'
 

@@ -62,7 +62,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   if tc.seq_len > cfg.max_len:
     raise ConfigError(f'train.seq_len: {tc.seq_len} is above model.max_len={cfg.max_len}; shorten the sequences '
                       'or raise model.max_len')
-  impl = attention.resolve_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim)
+  impl = attention.resolve_impl(cfg)
 
   mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
   data_parallel = mesh['data'] * mesh['fsdp']

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (assert_close, jit, lambda_of, random_input, random_params, relative_error, set_lambda,
                       tiny_config, to_float64)
-from diffjax import attention
+from diffjax import attention, pallas_attention
 from diffjax.attention import ATTENTION_BY_VARIANT, DiffAttentionV1
 from diffjax.errors import ConfigError
 import reference
@@ -373,7 +373,7 @@ class AttentionShapeTest(chex.TestCase):
 @pytest.mark.skipif(jax.default_backend() == 'gpu', reason='checks the error raised where there is no GPU')
 def test_cudnn_without_gpu_is_a_config_error():
   with pytest.raises(ConfigError, match=r"^model\.attention_impl: 'cudnn' cannot run here \(there is no GPU\)"):
-    attention.resolve_impl('cudnn', jnp.bfloat16, 64)
+    attention.resolve_impl(tiny_config(attention_impl='cudnn', dtype='bfloat16'))
   cfg = tiny_config(attention_impl='cudnn', dtype='bfloat16')
   module = DiffAttentionV1(cfg, 0)
   x = random_input((1, 4, cfg.d_model))
@@ -383,11 +383,22 @@ def test_cudnn_without_gpu_is_a_config_error():
 
 def test_cudnn_needs_half_precision_everywhere():
   with pytest.raises(ConfigError, match=r'^model\.attention_impl: .*(no GPU|bfloat16)'):
-    attention.resolve_impl('cudnn', jnp.float32, 64)
+    attention.resolve_impl(tiny_config(attention_impl='cudnn', dtype='float32'))
 
 
 def test_resolve_impl_explicit_and_auto():
-  assert attention.resolve_impl('xla', jnp.bfloat16, 64) == 'xla'
+  assert attention.resolve_impl(tiny_config(attention_impl='xla', dtype='bfloat16')) == 'xla'
   expected_auto = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
-  assert attention.resolve_impl('auto', jnp.bfloat16, 64) == expected_auto
-  assert attention.resolve_impl('auto', jnp.float32, 64) == 'xla'
+  assert attention.resolve_impl(tiny_config(attention_impl='auto', dtype='bfloat16')) == expected_auto
+  assert attention.resolve_impl(tiny_config(attention_impl='auto', dtype='float32')) == 'xla'
+  # Decoding against a KV cache takes the einsum path whatever was chosen.
+  assert attention.resolve_impl(tiny_config(attention_impl='auto', dtype='bfloat16'), cached=True) == 'xla'
+
+
+@pytest.mark.parametrize('variant', ['baseline', 'diff_v2'])
+def test_pallas_is_refused_for_variants_without_a_kernel(variant, monkeypatch):
+  monkeypatch.setenv(pallas_attention.INTERPRET_ENV, '1')  # so that only the variant can be the reason
+  refusal = rf"^model\.attention_impl: 'pallas' has a kernel for diff_v1 only, not {variant}"
+  with pytest.raises(ConfigError, match=refusal):
+    attention.resolve_impl(tiny_config(attention_impl='pallas', variant=variant, d_model=64))
+  assert attention.resolve_impl(tiny_config(attention_impl='pallas', variant='diff_v1', d_model=64)) == 'pallas'

@@ -288,6 +288,15 @@ def test_kv_heads_placeholder_and_its_value_are_the_same_run():
   assert checkpoint_lib.config_differences(config(0), config(4)) == ['model.n_kv_heads: 8 -> 4']
 
 
+def test_how_the_input_is_read_is_not_part_of_a_runs_identity():
+  saved = defaults.base_config().to_dict()
+  resumed = defaults.base_config()
+  resumed.data.update(read_threads=32, prefetch_batches=6, max_undecodable_fraction=0.01, data_dir='/elsewhere')
+  assert checkpoint_lib.config_differences(saved, resumed.to_dict()) == []
+  resumed.data.sp_vocab_size = 16_000  # what the input is still is
+  assert checkpoint_lib.config_differences(saved, resumed.to_dict()) == ['data.sp_vocab_size: 8000 -> 16000']
+
+
 @pytest.mark.parametrize('saved, resumed', [('float32', 'bfloat16'), ('bfloat16', 'float32')])
 def test_a_changed_moments_dtype_resumes_the_moments_cast(tmp_path, saved, resumed):
   """The checksums hold for the arrays as saved; the first moment then arrives in the dtype the run asks for now."""

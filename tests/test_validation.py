@@ -16,7 +16,7 @@ import pytest
 
 import reliability_helpers as rh
 from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, optim, sharding, train_step, validate
+from diffjax import defaults, optim, pallas_attention, sharding, train_step, validate
 from diffjax.errors import ConfigError
 
 
@@ -100,6 +100,18 @@ def test_check_config_names_the_key(kind, tmp_path):
   with pytest.raises(ConfigError) as error:
     validate.check_config(tiny_config(**overrides), str(tmp_path))
   assert_one_line_naming(str(error.value), key)
+
+
+@pytest.mark.parametrize('variant', ['baseline', 'diff_v2'])
+def test_a_kernel_the_variant_lacks_is_refused_before_any_data(variant, tmp_path, monkeypatch):
+  # With the interpret mode allowed, no GPU is needed: only the variant can make the choice impossible.
+  monkeypatch.setenv(pallas_attention.INTERPRET_ENV, '1')
+  data_dir = tmp_path / 'data'
+  config = tiny_config(model__variant=variant, model__attention_impl='pallas', data__data_dir=str(data_dir))
+  with pytest.raises(ConfigError) as error:
+    validate.check_config(config, str(tmp_path / 'run'))
+  assert_one_line_naming(str(error.value), 'model.attention_impl')
+  assert 'diff_v1 only' in str(error.value) and not data_dir.exists()
 
 
 def test_zero_warmup_is_allowed(tmp_path):
