@@ -24,7 +24,7 @@ LOCK = 'lock'
 # What a run writes or deletes in its workdir: name -> whether it is a folder.
 ENTRIES = {'config.json': False, 'config.json.partial': False, 'metrics.jsonl': False, 'curves.png': False,
            LOCK: False, 'tensorboard': True, 'checkpoints': True, 'checkpoints/.deleting': True,
-           'checkpoints_corrupt': True, 'profile': True}
+           'checkpoints_corrupt': True, 'profile': True, 'wandb': True, 'wandb_id': False}
 
 _held = {}  # lock path -> the open lock file, kept for the life of the process
 # A URL scheme (gs://, s3://, hdfs://, file://...): a path that os.path would silently turn into a local folder.
