@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 120
   c.train.decay = 'cosine'  # cosine | linear | constant
   c.train.end_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  # The step by which the decay ends; the learning rate then holds at its final value. 0: train.steps. Extending a
+  # run past its train.steps keeps its schedule only with this set to the old train.steps.
+  c.train.decay_steps = 0
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.eps = 1e-8

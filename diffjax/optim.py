@@ -7,11 +7,16 @@ import optax
 from diffjax.attention import LAMBDA_VECTORS
 
 
+def decay_end(train_cfg) -> int:
+  """The step at which the learning rate reaches its final value: `decay_steps`, or `steps` when that is 0."""
+  return train_cfg.get('decay_steps', 0) or train_cfg.steps
+
+
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """0 -> peak linearly over `warmup_steps`, then decays to `peak * end_lr_ratio` at `steps`."""
+  """0 -> peak linearly over `warmup_steps`, then decays to `peak * end_lr_ratio` at `decay_end`, and holds there."""
   peak, end = train_cfg.learning_rate, train_cfg.learning_rate * train_cfg.end_lr_ratio
   warmup = optax.linear_schedule(0.0, peak, train_cfg.warmup_steps)
-  decay_steps = train_cfg.steps - train_cfg.warmup_steps
+  decay_steps = decay_end(train_cfg) - train_cfg.warmup_steps
   decay = {
       'cosine': lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.end_lr_ratio),
       'linear': lambda: optax.linear_schedule(peak, end, decay_steps),

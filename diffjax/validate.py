@@ -21,7 +21,7 @@ POSITIVE = ('train.seq_len', 'train.global_batch_size', 'train.microbatches', 't
             'log.eval_batches', 'log.profile_steps')
 NON_NEGATIVE = ('train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.z_loss', 'train.end_lr_ratio',
                 'train.b1', 'train.b2', 'log.sample_tokens', 'log.sample_temperature', 'log.peak_flops_per_device',
-                'log.profile_start_step')
+                'log.profile_start_step', 'train.decay_steps')
 
 
 def _get(config, dotted: str):
@@ -57,6 +57,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None):
   if tc.warmup_steps >= tc.steps:
     raise ConfigError(f'train.warmup_steps: {tc.warmup_steps} warmup steps do not fit in train.steps={tc.steps}; '
                       'make warmup shorter than training')
+  if tc.decay_steps and tc.decay_steps <= tc.warmup_steps:
+    raise ConfigError(f'train.decay_steps: the decay must end after the {tc.warmup_steps} warmup steps, got '
+                      f'{tc.decay_steps}; or 0 to decay until train.steps')
 
   cfg = defaults.model_config(config, vocab_size=256)
   if tc.seq_len > cfg.max_len:

@@ -64,6 +64,7 @@ IN_PROCESS = {
     'missing data directory': ({'data__source': 'local', 'data__text_glob': '/no/such/folder'}, 'data.text_glob'),
     'glob in a missing folder': ({'data__source': 'local', 'data__text_glob': '/no/such/*.txt'}, 'data.text_glob'),
     'validation fraction out of range': ({'data__validation_fraction': 1.5}, 'data.validation_fraction'),
+    'decay ending within the warmup': ({'train__decay_steps': 3}, 'train.decay_steps'),
     'SentencePiece vocabulary too small': ({'data__tokenizer': 'sentencepiece', 'data__sp_vocab_size': 10},
                                            'data.sp_vocab_size'),
     'sequence longer than the model maximum': ({'train__seq_len': 128}, 'train.seq_len'),
