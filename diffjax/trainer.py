@@ -190,7 +190,8 @@ class Run:
       raise ConfigError(f'--workdir: {self.workdir} holds another run (step {step}), whose config differs in '
                         f'{"; ".join(differences)}; use a fresh --workdir, or pass '
                         '--config.checkpoint.allow_config_change=True to continue it with this config')
-    self._check_same_schedule(step, ml_collections.ConfigDict(saved_config['train']))
+    if not self.config.checkpoint.allow_config_change:
+      self._check_same_schedule(step, ml_collections.ConfigDict(saved_config['train']))
 
   def _check_same_schedule(self, step: int, saved_train):
     """A resumed run keeps its learning-rate schedule: a decay stretched over other steps would make the learning rate
@@ -201,7 +202,7 @@ class Run:
       raise ConfigError(f'train.steps: this run decays its learning rate until step {old_end}, and this config until '
                         f'step {new_end}, which would make the rate jump at the resumed step {step}; to train on at '
                         f'the final rate pass --config.train.decay_steps={old_end}, else keep train.steps='
-                        f'{saved_train.steps}')
+                        f'{saved_train.steps} (or accept the jump with --config.checkpoint.allow_config_change=True)')
 
   def initial_state(self, iterator):
     """(step, state): the newest readable checkpoint's, else a fresh (or `init_from`) state."""
