@@ -23,7 +23,8 @@ from diffjax.errors import ConfigError
 
 # A restore that fails part-way leaves Orbax's pending reads to be collected later, which pytest reports as
 # exceptions raised in `__del__`; failing restores are what these tests are about.
-pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+              pytest.mark.slow]  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
 
 # The harness's run: checkpoints every 3 steps, the last 3 kept.
 LAST = rh.STEPS

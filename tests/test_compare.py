@@ -124,6 +124,7 @@ def _load_init(run):
   return flat(params), flat(fresh)
 
 
+@pytest.mark.slow
 def test_shared_parameters_start_identical_across_arms(tmp_path):
   # diff_v1_embed changes how a shared parameter is drawn: it keeps its own embedding, and shares all the rest.
   arms = f'{ARMS},diff_v1_embed=diff_v1:model.embed_init_std=0.3'

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import reliability_helpers as rh
 
 
+@pytest.mark.slow
 def test_ten_sigkills_resume_exactly(tmp_path):
   result = subprocess.run([sys.executable, str(rh.REPO / 'launch' / 'crash_harness.py'), '--kills=10', '--seed=0',
                            f'--workdir={tmp_path}', f'--compile-cache={rh.COMPILE_CACHE}'],

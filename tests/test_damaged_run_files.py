@@ -19,6 +19,8 @@ from diffjax import checkpoint as checkpoint_lib
 from diffjax import data, defaults, inference, optim, train_step
 from diffjax.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 SP_VOCAB = 400
 
 

@@ -46,6 +46,7 @@ def _random_segments(b, t, seed):
   return np.cumsum(starts, axis=1).astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
 def test_attention_with_segments_equals_each_document_alone(variant):
   b, t, d = 2, 32, 8
@@ -78,6 +79,7 @@ def _model(variant, scan_layers):
   return cfg, params, forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 @pytest.mark.parametrize('variant', ['diff_v1', 'diff_v2', 'baseline'])
 def test_packed_row_equals_each_document_alone(variant, scan_layers):
@@ -95,6 +97,7 @@ def test_packed_row_equals_each_document_alone(variant, scan_layers):
   assert not np.allclose(packed[5:], np.asarray(forward(jnp.asarray(ROW[None])))[0, 5:], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_train_step_needs_segment_ids_with_document_mask():
   cfg = tiny_config(document_mask=True)
   params = random_params(model_lib.Transformer(cfg), jnp.zeros((1, 8), jnp.int32))

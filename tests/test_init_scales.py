@@ -26,6 +26,7 @@ def tokens(tmp_path_factory):
   return init_scales.text_batch(str(path), batch=2, seq_len=48)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
 def test_the_first_attention_output_scales_with_its_projection_init(tokens, variant):
   # Same seed, same input: the flat init draws W_o as the scaled one times sqrt(2L), and layer 0 sees the same
@@ -38,6 +39,7 @@ def test_the_first_attention_output_scales_with_its_projection_init(tokens, vari
   assert -1 <= scaled['final_cosine_with_token_embedding'] <= 1
 
 
+@pytest.mark.slow
 def test_larger_embeddings_dominate_the_residual_stream(tokens):
   cfg = tiny_config(vocab_size=384)
   small, large = (init_scales.measure(dataclasses.replace(cfg, embed_init_std=std), tokens, seed=0)

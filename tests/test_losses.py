@@ -205,6 +205,7 @@ def run_steps(cfg, chunk: int, microbatches: int, batches) -> dict:
           'params': jax.device_get(state['params'])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('microbatches', [1, 2])
 def test_train_step_with_chunks_gives_the_same_parameters(microbatches):
   cfg = tiny_model(tie_embeddings=True)

@@ -211,6 +211,7 @@ def test_remat_policies_give_the_same_gradients(scan_layers):
     jax.tree.map(assert_close, grads[name], grads['off'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_remat_policies_save_what_they_say(scan_layers):
   """The residuals the backward pass keeps (the leaves of the VJP closure): 'nothing' keeps the least, 'dots' adds

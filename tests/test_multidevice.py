@@ -18,6 +18,8 @@ import pytest
 from diffjax import optim, sharding, train_step
 from helpers_training import random_params, sharded_state, tiny_model, train_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 NUM_DEVICES = 8
 # name: ((data, fsdp, tensor), microbatches, train.loss_chunk_tokens). The chunk of 25 divides neither the 128
 # tokens nor its own share of the 4 batch shards, so the padded last chunk and uneven shards are both exercised.

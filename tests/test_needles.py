@@ -123,6 +123,7 @@ def cli(*args):
   return result, [line for line in result.stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_command_writes_accuracy_and_attention_and_refuses_contexts_past_max_len(run, tmp_path):
   workdir, overrides = run
   text_glob = overrides['data.text_glob']
@@ -156,6 +157,7 @@ def test_an_unwritable_out_or_a_negative_seed_is_one_line_before_any_run_is_open
   assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: flag --seed=-1: '), result.stderr
 
 
+@pytest.mark.slow
 def test_a_file_in_the_way_of_the_report_is_one_line(run, tmp_path):
   workdir, overrides = run
   (tmp_path / 'needles.png').mkdir()
@@ -176,6 +178,7 @@ def notebook_cells() -> list[dict]:
   return notebook['cells']
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom_on_a_trained_run(run, monkeypatch):
   workdir, overrides = run
   monkeypatch.chdir(ht.REPO)

@@ -8,6 +8,8 @@ import pytest
 
 import reliability_helpers as rh
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 # With a peak learning rate of 1e30 reached at step 2 (warm-up starts at 0), step 2's update throws the weights so
 # far that step 3's loss is not finite. A peak of 1e39 overflows float32: step 1's update is NaN although its
 # loss and gradients are finite.

@@ -185,6 +185,7 @@ def _train_losses(cfg, moments_dtype: str, steps: int) -> tuple[list[float], dic
   return losses, state, train_step.state_shardings(cfg, tx, mesh)
 
 
+@pytest.mark.slow
 def test_bfloat16_first_moment_trains():
   cfg = tiny_model()
   losses, state, shardings = _train_losses(cfg, 'bfloat16', steps=6)

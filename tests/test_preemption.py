@@ -12,6 +12,8 @@ import pytest
 import reliability_helpers as rh
 from diffjax import trainer
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 STEPS = rh.STEPS
 
 

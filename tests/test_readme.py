@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -16,6 +17,7 @@ def test_readme_has_the_interop_example():
   assert any('from_reference' in block for block in python_blocks())
 
 
+@pytest.mark.slow
 def test_every_python_example_runs():
   for block in python_blocks():
     namespace = {}

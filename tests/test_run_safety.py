@@ -16,6 +16,8 @@ import reliability_helpers as rh
 from diffjax import metrics, workdir as workdir_lib
 from diffjax.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):

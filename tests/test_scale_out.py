@@ -28,6 +28,8 @@ import pytest
 
 from helpers_training import REPO, cli_command, load_config, read_metrics, run_overrides, train_losses, write_corpus
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 HERE = pathlib.Path(__file__).resolve().parent
 # Tiny graphs: LLVM's optimisations would cost more time than the steps they speed up.
 FAST_XLA = '--xla_backend_optimization_level=0'

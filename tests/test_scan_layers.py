@@ -20,6 +20,7 @@ def scanned(cfg):
   return dataclasses.replace(cfg, scan_layers=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_scanned_model_computes_the_unscanned_function(variant):
   cfg = tiny_model(variant=variant, n_layers=3, n_kv_heads=2)
@@ -47,6 +48,7 @@ def test_scanned_parameters_carry_a_replicated_layers_axis():
   assert 'block_0' not in specs
 
 
+@pytest.mark.slow
 def test_scanned_train_step_equals_the_unscanned_one():
   cfg, train_cfg = tiny_model(n_layers=3), train_config(learning_rate=1e-2, warmup_steps=1, steps=10)
   tx, schedule, mesh = optim.make_optimizer(train_cfg), optim.learning_rate_schedule(train_cfg), single_device_mesh()
@@ -67,6 +69,7 @@ def test_scanned_train_step_equals_the_unscanned_one():
     np.testing.assert_allclose(results[True][key], results[False][key], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_scanned_run_trains_and_opens_unscanned(tmp_path):
   overrides = run_overrides(write_corpus(tmp_path / 'corpus'), tmp_path / 'data', **{
       'model.scan_layers': True, 'train.steps': 4, 'train.warmup_steps': 1, 'checkpoint.every_steps': 4,

@@ -26,6 +26,8 @@ from diffjax import defaults, optim, sharding, train_step
 from diffjax.tokenizers import ByteTokenizer
 from helpers_training import cli_command, cli_env, load_config, read_metrics, run_overrides, train_losses, write_corpus
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
+
 STEPS, HALF = 40, 20
 PROMPT = 'The '
 VOCAB = -(-ByteTokenizer().vocab_size // 128) * 128  # the model's vocabulary: bytes and specials, rounded up

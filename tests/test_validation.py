@@ -191,6 +191,7 @@ def cli_results(tmp_path_factory, other_shape_checkpoint):
     return dict(zip(CLI, pool.map(run, CLI)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', CLI)
 def test_cli_fails_fast_with_one_line(kind, cli_results):
   if kind == 'cuDNN without a GPU' and jax.default_backend() == 'gpu':
