@@ -87,6 +87,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   that does not exist or a config file that does not run.
   """
   debug = any(re.fullmatch(r'--debug(=(true|True|1))?', arg) for arg in argv)
+  if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
+    print(_help())
+    sys.exit(0)  # absl exits 1 after its help, which scripts and CI take for a failure
   try:
     remaining = flags.FLAGS(argv)
   except Exception as error:  # whatever the parser raises, the cause is on the command line or in the config file
@@ -95,6 +98,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f'{remaining[1]}: unexpected argument; this command takes --name=value flags only (quote a value that '
           "holds spaces, e.g. --prompt='def main'); see --helpfull for the flags", debug)
   return remaining
+
+
+def _help() -> str:
+  """What the running command does, its own flags, and, for one that takes a run config, every config key with its
+  default (their meanings: README.md, Config keys)."""
+  main = sys.modules['__main__']
+  parts = [(main.__doc__ or '').strip(), flags.FLAGS.main_module_help().strip(), flags.FLAGS.module_help(__name__)]
+  if 'config' in flags.FLAGS and hasattr(type(flags.FLAGS['config']), 'config_filename'):  # a config file flag
+    from diffjax import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
+    keys = defaults.flatten(defaults.base_config().to_dict())
+    width = max(map(len, keys))
+    parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/defaults.py; a config file may change '
+                 'them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
+  return '\n\n'.join(part for part in parts if part)
 
 
 def _flag_error(error: Exception, argv: list[str]) -> str:
