@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_input, random_params
+from conftest import random_input, random_params, tiny_config
 from diffjax import attention
 from diffjax.attention import ATTENTION_BY_VARIANT
 from diffjax.config import ModelConfig
@@ -132,7 +132,7 @@ def test_diff_v1_attention_cudnn_matches_xla(groups, heads, head_dim, seq):
 
 
 def test_auto_picks_cudnn_for_bf16():
-  assert attention.resolve_impl('auto', jnp.bfloat16, 128) == 'cudnn'
+  assert attention.resolve_impl(tiny_config(attention_impl='auto', dtype='bfloat16', d_model=512)) == 'cudnn'
 
 
 @pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])

@@ -106,15 +106,16 @@ def test_gqa_head_reads_its_own_kv_group():
 
 
 def test_resolve_impl_pallas_needs_a_gpu_or_interpret_mode(monkeypatch):
+  layer = lambda impl, dtype, head_width: tiny_config(attention_impl=impl, dtype=dtype, d_model=4 * head_width)
   monkeypatch.delenv(pallas_attention.INTERPRET_ENV, raising=False)
   if not ON_GPU:
     with pytest.raises(ConfigError, match=r"^model\.attention_impl: 'pallas' needs an NVIDIA GPU"):
-      attention.resolve_impl('pallas', jnp.bfloat16, 64)
+      attention.resolve_impl(layer('pallas', 'bfloat16', 64))
   monkeypatch.setenv(pallas_attention.INTERPRET_ENV, '1')
-  assert attention.resolve_impl('pallas', jnp.float32, 64) == 'pallas'
-  assert attention.resolve_impl('auto', jnp.float32, 64) != 'pallas'  # not measured yet: never chosen by auto
+  assert attention.resolve_impl(layer('pallas', 'float32', 64)) == 'pallas'
+  assert attention.resolve_impl(layer('auto', 'float32', 64)) != 'pallas'  # not measured yet: never chosen by auto
   with pytest.raises(ConfigError, match="power-of-two head width"):
-    attention.resolve_impl('pallas', jnp.float32, 48)
+    attention.resolve_impl(layer('pallas', 'float32', 48))
 
 
 def test_layers_with_pallas(monkeypatch):
