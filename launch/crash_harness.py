@@ -43,7 +43,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY_STEPS = 3  # checkpoint interval: short, so kills often land in or near an asynchronous save
-STEPS = 60  # enough for 10 kills; more kills get 6 steps each
+STEPS = 90  # enough for 10 kills, whose runs start in a few seconds; more kills get 9 steps each
 TMP_MARKER = '.orbax-checkpoint-tmp'
 # How long after training starts (first new step logged) a kill of kind 'training' may land.
 TRAINING_WINDOW_S = 0.8
@@ -311,14 +311,14 @@ def main():
   parser.add_argument('--kills', type=int, default=10, help='SIGKILLs to deliver (default 10)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the kill plan and delays')
   parser.add_argument('--workdir', default=None, help='folder for both runs and the report (default: a new temp dir)')
-  parser.add_argument('--steps', type=int, default=0, help=f'training steps (default: max({STEPS}, 6 * kills))')
+  parser.add_argument('--steps', type=int, default=0, help=f'training steps (default: max({STEPS}, 9 * kills))')
   parser.add_argument('--compile-cache', default=None,
                       help='JAX compilation cache shared by all starts (default: WORKDIR/compile_cache)')
   parser.add_argument('--no-compile-cache', action='store_true', help='compile from scratch in every start')
   args = parser.parse_args()
 
   root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix='crash_harness_'))
-  steps = args.steps or max(STEPS, 6 * args.kills)
+  steps = args.steps or max(STEPS, 9 * args.kills)
   rng = random.Random(args.seed)
   logs, corpus = os.path.join(root, 'logs'), os.path.join(root, 'corpus')
   os.makedirs(logs, exist_ok=True)

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "n
 # With a peak learning rate of 1e30 reached at step 2 (warm-up starts at 0), step 2's update throws the weights so
 # far that step 3's loss is not finite. A peak of 1e39 overflows float32: step 1's update is NaN although its
 # loss and gradients are finite.
-DIVERGING = {'train__learning_rate': 1e30, 'train__warmup_steps': 1, 'checkpoint__every_steps': 2}
+# The schedule is constant, so that a run resumed with more steps keeps its learning rate.
+DIVERGING = {'train__learning_rate': 1e30, 'train__warmup_steps': 1, 'checkpoint__every_steps': 2,
+             'train__decay': 'constant'}
 
 
 @pytest.fixture(scope='module')

@@ -20,6 +20,9 @@ def test_readme_has_the_interop_example():
 @pytest.mark.slow
 def test_every_python_example_runs():
   for block in python_blocks():
+    if block.startswith('# Needs '):  # a trained run or an optional extra: it must still be valid Python
+      compile(block, str(README), 'exec')
+      continue
     namespace = {}
     exec(compile(block, str(README), 'exec'), namespace)  # the examples are documentation: run them verbatim
     if 'from_reference' in block:
