@@ -169,8 +169,8 @@ runpy.run_module('diffjax.train', run_name='__main__')
 
 
 def test_failed_save_ends_the_run_in_one_line(tmp_path, corpus):
-  """A save that fails in Orbax's background thread ends the run at once: one line naming the last good
-  checkpoint, exit 1, no step trained up to the next save, no hang."""
+  """A save that fails in Orbax's background thread ends the run: one line naming the last good checkpoint, exit 1,
+  no step trained past the next save, no hang."""
   workdir, full, every = tmp_path / 'run', tmp_path / 'full', 10
   command = rh.command(workdir, rh.flags(corpus, 200, checkpoint__every_steps=every))
   process = subprocess.Popen([command[0], '-c', FULL_DISK, str(full), *command[1:]], cwd=rh.REPO, env=rh.env(),
