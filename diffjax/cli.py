@@ -7,6 +7,7 @@ import re
 import sys
 import threading
 import traceback
+import warnings
 
 import ml_collections
 import tensorflow_datasets as tfds
@@ -47,6 +48,9 @@ def report_errors(main):
       # reports in its own line; printed, they put tracebacks before or after that line (--debug shows them).
       sys.unraisablehook = lambda unraisable: None
       std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+      # ... and the reads a failed restore left pending are coroutines never awaited, which Python reports as a
+      # warning when it collects them, at a moment that depends on the garbage collector.
+      warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
       threading.excepthook = _one_line_for_threads
     else:
       sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
