@@ -177,6 +177,17 @@ def test_parameters_of_another_shape_are_refused_not_treated_as_damage(base, tmp
   assert not os.path.exists(f'{workdir}/checkpoints_corrupt')
 
 
+def save_one_more_step(workdir):
+  """Resumes the workdir's newest step and saves it again three steps on, so that the oldest kept step retires."""
+  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False)
+  try:
+    step, state, data = checkpoints.restore_latest(abstract_state(workdir))
+    checkpoints.save(step + 3, state, data, json.loads((workdir / 'config.json').read_text()))
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+
+
 def test_old_steps_are_retired_by_one_rename(base, tmp_path, monkeypatch):
   """Orbax deletes a step file by file, so a kill then would leave a half-deleted step; it is renamed away first."""
   workdir = copy_of(base, tmp_path)
@@ -188,13 +199,7 @@ def test_old_steps_are_retired_by_one_rename(base, tmp_path, monkeypatch):
     return replace(source, target)
 
   monkeypatch.setattr(os, 'replace', recording_replace)
-  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False)
-  try:
-    step, state, data = checkpoints.restore_latest(abstract_state(workdir))
-    checkpoints.save(step + 3, state, data, json.loads((workdir / 'config.json').read_text()))
-    checkpoints.wait()
-  finally:
-    checkpoints.close()
+  save_one_more_step(workdir)
   assert (str(FIRST), os.path.join(checkpoint_lib.DELETING, str(FIRST))) in renames
   assert rh.steps(workdir) == [PREVIOUS, LAST, LAST + 3]
   assert os.listdir(workdir / 'checkpoints' / checkpoint_lib.DELETING) == []
@@ -207,13 +212,7 @@ def test_a_retired_step_that_is_a_link_leaves_no_dangling_link(base, tmp_path):
   (workdir / 'kept').mkdir()
   os.replace(workdir / 'checkpoints' / str(FIRST), workdir / 'kept' / str(FIRST))
   os.symlink(os.path.join('..', 'kept', str(FIRST)), workdir / 'checkpoints' / str(FIRST))
-  checkpoints = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False)
-  try:
-    step, state, data = checkpoints.restore_latest(abstract_state(workdir))
-    checkpoints.save(step + 3, state, data, json.loads((workdir / 'config.json').read_text()))
-    checkpoints.wait()
-  finally:
-    checkpoints.close()
+  save_one_more_step(workdir)
   assert rh.steps(workdir) == [PREVIOUS, LAST, LAST + 3]
   assert os.listdir(workdir / 'checkpoints' / checkpoint_lib.DELETING) == []
   assert (workdir / 'kept' / str(FIRST) / 'state').is_dir()  # nothing was deleted through the link
