@@ -54,12 +54,14 @@ def _causal_softmax(logits_xTxS, visible_xTxS=None):
 _warned = set()
 
 
-def resolve_impl(cfg: ModelConfig, cached: bool = False) -> str:
-  """The kernel a layer of `cfg` runs, from the platform, variant, dtype and head width: `auto` becomes the fastest
-  that can run here, an explicit choice that cannot run is a ConfigError. The only place these rules live: the
-  config check before a run starts and the layers themselves both ask here.
+def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = None) -> str:
+  """The kernel a layer of `cfg` runs, from the platform, variant, dtype, head width and sequence length: `auto`
+  becomes the fastest that can run here, an explicit choice that cannot run is a ConfigError. The only place these
+  rules live: the config check before a run starts and the layers themselves both ask here.
 
-  With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask.
+  With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask. So
+  does 'pallas' at a `seq_len` its tiles do not divide: state creation traces the model on a few tokens, and such
+  short sequences cost nothing to run either way.
   """
   requested, head_dim = cfg.attention_impl, cfg.head_dim
   on_gpu = jax.default_backend() == 'gpu'
@@ -77,7 +79,8 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False) -> str:
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
   if requested == 'pallas' and not pallas_attention.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
-  if cached:
+  if cached or (requested == 'pallas' and seq_len is not None
+                 and not pallas_attention.runs_at(seq_len, head_dim)):
     return 'xla'
   if requested != 'auto':
     return requested
@@ -128,6 +131,29 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   return out.reshape(b, t, n, d)
 
 
+@functools.cache
+def cudnn_takes_wide_values() -> bool:
+  """Whether cuDNN here runs attention with values wider than keys (multi-head latent attention): cuDNN 9.10 or
+  later on Hopper or newer, reached through JAX's own cuDNN attention module (`jax.nn.dot_product_attention` asks
+  for equal widths). Then DIFF V1 runs each map once against its 2D-wide values, not twice against halves."""
+  if jax.default_backend() != 'gpu':
+    return False
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    return cudnn_attention.check_cudnn_version() >= 91000 and cudnn_attention.check_compute_capability('9.0')
+  except (ImportError, AttributeError, RuntimeError):  # a JAX that moved the module, or no cuDNN
+    return False
+
+
+def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
+  """Causal GQA attention through cuDNN with a value width W other than D; returns (B, T, N, W) float32."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+  return cudnn_attention.dot_product_attention(
+      q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
+      mask_type=cudnn_attention.MaskType.CAUSAL).astype(jnp.float32)
+
+
 def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
                       segment_ids_BxT=None):
   """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
@@ -142,13 +168,19 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   if impl == 'pallas':
     return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
                                                     segment_ids_BxT=segment_ids_BxT)
-  if impl == 'cudnn':
-    # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1
+  if impl == 'cudnn' and cudnn_takes_wide_values():
+    # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
+    a1v, a2v = (_wide_value_attention(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT)
+                for c in (0, 1))
+    return a1v - lam * a2v
+  if impl in ('cudnn', 'cudnn_split'):
+    # Without wide values cuDNN needs value width == key width: run each map against both D-wide halves of V.
+    # ('cudnn_split' forces this form, for benchmarks that compare the two.) Stacking the q1
     # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
     q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
     k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)
     halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
-    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), impl,
+    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), 'cudnn',
                                       segment_ids_BxT=segment_ids_BxT) for half in halves)
     a1v = jnp.concatenate([out_a[:, :, :heads], out_b[:, :, :heads]], axis=-1)
     a2v = jnp.concatenate([out_a[:, :, heads:], out_b[:, :, heads:]], axis=-1)
@@ -217,7 +249,7 @@ def _keys_values(cfg: ModelConfig, k_BxTxKxD, v_BxTxKxW, positions_BxT, cache):
   """(keys, values, impl, visible mask, cache) the attention runs on: this call's own keys and values causally,
   or, with a cache, the cache after storing them at their positions' slots."""
   if cache is None:
-    return k_BxTxKxD, v_BxTxKxW, resolve_impl(cfg), None, None
+    return k_BxTxKxD, v_BxTxKxW, resolve_impl(cfg, seq_len=k_BxTxKxD.shape[1]), None, None
   # Row b's tokens sit at consecutive positions from positions[b, 0] (rows may be at different positions).
   put = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype),
                                                                                 start, axis=0))

@@ -42,6 +42,22 @@ def head_dim_supported(head_dim: int) -> bool:
   return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def tile(head_dim: int) -> int:
+  """The query and key tile length for a head width.
+
+  The kernels hold tiles 2D wide (both halves of a differential head, and its values), double-buffered by Triton's
+  software pipeline: at D = 128, tiles of 64 rows asked an H100 for 288 KiB of shared memory, above its 227 KiB per
+  block, so wider heads take tiles half as long.
+  """
+  return 64 if head_dim <= 64 else 32
+
+
+def runs_at(seq_len: int, head_dim: int) -> bool:
+  """Whether the kernels take this sequence length: a multiple of the tile (or, shorter, a power of two >= 16)."""
+  block = min(tile(head_dim), seq_len)
+  return seq_len % block == 0 and head_dim_supported(block) and head_dim_supported(head_dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Everything the kernels are specialised on (hashable: a non-differentiable argument of the custom vjp)."""
@@ -301,16 +317,17 @@ def _flash_bwd(st: _Static, residuals, dout_BxTxHx2D):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, segment_ids_BxT=None, block_q=64,
-                            block_k=64, interpret=None):
+def diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, *, segment_ids_BxT=None, block_q=None,
+                            block_k=None, interpret=None):
   """`diff_v1_attention` (causal, GQA, optional segment ids) as fused Pallas kernels; returns (B, T, H, 2D) float32.
 
   Differentiable in q, k, v and λ (a float32 scalar, traced). T must equal S (training, no cache) and be a multiple
-  of the tile sizes (clipped to T); D and the tiles powers of two >= 16. `interpret` defaults to True off the GPU.
+  of the tile sizes (by default `tile(D)`, clipped to T); D and the tiles powers of two >= 16. `interpret` defaults
+  to True off the GPU.
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   s, two_g = k_BxSx2GxD.shape[1:3]
-  block_q, block_k = min(block_q, t), min(block_k, s)
+  block_q, block_k = min(block_q or tile(d), t), min(block_k or tile(d), s)
   if t != s or t % block_q or s % block_k or not all(map(head_dim_supported, (d, block_q, block_k))):
     raise ValueError(f'the Pallas DIFF V1 kernel needs T == S, a multiple of its tiles ({block_q}, {block_k}), and '
                      f'tiles and head width that are powers of two >= 16; got T={t}, S={s}, D={d}')

@@ -160,3 +160,30 @@ def test_document_mask_cudnn_matches_xla(variant):
            for impl in ('cudnn', 'xla')}
   for name, g_cudnn, g_xla in zip('qkv', grads['cudnn'], grads['xla']):
     assert _rel(g_cudnn, g_xla) < GRAD_TOL, (name, _rel(g_cudnn, g_xla))
+
+
+@pytest.mark.parametrize('impl', ['cudnn', 'cudnn_split'])
+@pytest.mark.parametrize('segments', [False, True])
+def test_diff_v1_cudnn_forms_match_xla(impl, segments):
+  """Both cuDNN forms of DIFF V1 (wide values where cuDNN takes them, else split V) against the XLA path."""
+  b, t, h, g, d = 2, 256, 4, 2, 64
+  q, k = (jnp.asarray(random_input((b, t, 2 * n, d), seed=s), jnp.bfloat16) for n, s in ((h, 1), (g, 2)))
+  v = jnp.asarray(random_input((b, t, g, 2 * d), seed=3), jnp.bfloat16)
+  segment_ids = jnp.asarray(np.repeat([[0] * 100 + [1] * 156], b, axis=0), jnp.int32) if segments else None
+  probe = jnp.asarray(random_input((b, t, h, 2 * d), seed=4))
+
+  def loss(impl, q, k, v, lam):
+    return jnp.sum(attention.diff_v1_attention(q, k, v, lam, impl, segment_ids_BxT=segment_ids) * probe)
+
+  value_and_grads = lambda impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3)))
+  (value, grads), (want, want_grads) = (value_and_grads(i)(q, k, v, jnp.float32(0.6)) for i in (impl, 'xla'))
+  assert abs(float(value) - float(want)) <= FORWARD_TOL * abs(float(want))
+  for got, expected in zip(grads, want_grads):
+    assert _rel(got, expected) < GRAD_TOL
+
+
+def test_hopper_runs_diff_v1_with_wide_values():
+  # cuDNN 9.10+ on Hopper takes values wider than keys: the one-call-per-map form must be the one 'cudnn' runs.
+  if not any(getattr(device, 'compute_capability', '0') >= '9.0' for device in jax.devices()):
+    pytest.skip('wide values need a Hopper GPU or newer')
+  assert attention.cudnn_takes_wide_values()
