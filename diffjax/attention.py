@@ -135,7 +135,7 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
 def cudnn_takes_wide_values() -> bool:
   """Whether cuDNN here runs attention with values wider than keys (multi-head latent attention): cuDNN 9.10 or
   later on Hopper or newer, reached through JAX's own cuDNN attention module (`jax.nn.dot_product_attention` asks
-  for equal widths). Then DIFF V1 runs each map once against its 2D-wide values, not twice against halves."""
+  for equal widths)."""
   if jax.default_backend() != 'gpu':
     return False
   try:
@@ -143,6 +143,17 @@ def cudnn_takes_wide_values() -> bool:
     return cudnn_attention.check_cudnn_version() >= 91000 and cudnn_attention.check_compute_capability('9.0')
   except (ImportError, AttributeError, RuntimeError):  # a JAX that moved the module, or no cuDNN
     return False
+
+
+def cudnn_diff_v1_form(head_dim: int) -> str:
+  """How 'cudnn' runs DIFF V1: 'wide' (one call per map against the 2D-wide values) or 'split' (each map against
+  the two D-wide halves of V, four calls' worth of work).
+
+  Measured with launch/bench_attention.py on an H100 (batch 8, forward + backward, against the baseline's cuDNN):
+  at D = 64 wide takes 1.44x (T 2048) and 1.50x (T 8192) of the baseline's time and split 1.96x and 2.04x; at
+  D = 128 they are even at T 2048 (2.01x, 1.96x) and split leads at T 8192 (2.19x against 2.00x).
+  """
+  return 'wide' if head_dim <= 64 and cudnn_takes_wide_values() else 'split'
 
 
 def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
@@ -168,14 +179,16 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   if impl == 'pallas':
     return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
                                                     segment_ids_BxT=segment_ids_BxT)
-  if impl == 'cudnn' and cudnn_takes_wide_values():
+  if impl == 'cudnn':
+    impl = f'cudnn_{cudnn_diff_v1_form(d)}'
+  if impl == 'cudnn_wide':
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
     a1v, a2v = (_wide_value_attention(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT)
                 for c in (0, 1))
     return a1v - lam * a2v
-  if impl in ('cudnn', 'cudnn_split'):
-    # Without wide values cuDNN needs value width == key width: run each map against both D-wide halves of V.
-    # ('cudnn_split' forces this form, for benchmarks that compare the two.) Stacking the q1
+  if impl == 'cudnn_split':
+    # Value width == key width, as cuDNN asks without wide values: each map runs against both halves of V. Stacking
+    # the q1
     # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
     q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
     k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)

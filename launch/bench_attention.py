@@ -6,8 +6,9 @@ Prints a table (forward and forward+backward milliseconds, model TFLOP/s, compil
 relative error of the output and of the gradients against the first implementation, `xla` by default) and writes
 the same rows as JSON. Model FLOPs follow the docs: causal attention counted at half, DIFF counted as the baseline,
 forward+backward = 3x forward. On a GPU, DIFF V1 runs cuDNN both ways: `cudnn_split` (each map against the two
-D-wide halves of V) and `cudnn`, which takes the 2D-wide values in one call per map where cuDNN can (its row then
-says `cudnn_wide`). At long sequences `--impls cudnn,pallas` leaves out the XLA path, whose T x T maps would not fit.
+D-wide halves of V) and `cudnn_wide` (one call per map against the 2D-wide values, where cuDNN takes them);
+`attention.cudnn_diff_v1_form` picks between them from these timings. At long sequences `--impls
+cudnn,cudnn_split,cudnn_wide,pallas` leaves out the XLA path, whose T x T maps would not fit.
 """
 
 import argparse
@@ -59,8 +60,9 @@ def main():
   parser.add_argument('--kv-heads', type=int, default=16)
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--iters', type=int, default=20)
-  parser.add_argument('--impls', default='xla,cudnn_split,cudnn,pallas' if jax.default_backend() == 'gpu' else 'xla',
-                      help='implementations to time, the first being the reference of the error columns')
+  on_gpu = jax.default_backend() == 'gpu'
+  parser.add_argument('--impls', default='xla,cudnn,cudnn_split,cudnn_wide,pallas' if on_gpu else 'xla',
+                      help='implementations to time; the first one a variant runs is its reference for the errors')
   parser.add_argument('--out', default='bench_attention.json')
   args = parser.parse_args()
   impls = args.impls.split(',')
@@ -70,8 +72,12 @@ def main():
     q, k, v = inputs(variant, args, jax.random.key(0))
     reference = None
     for impl in impls:
-      if impl in ('pallas', 'cudnn_split') and variant != 'diff_v1':
-        continue  # the fused Pallas kernel and the split of V exist for DIFF V1 only
+      if impl in ('pallas', 'cudnn_split', 'cudnn_wide') and variant != 'diff_v1':
+        continue  # the fused Pallas kernel and the two cuDNN forms exist for DIFF V1 only
+      if impl == 'cudnn_wide' and not attention.cudnn_takes_wide_values():
+        continue
+      if impl == 'cudnn' and variant == 'diff_v1':
+        continue  # it runs one of the two forms timed on their own
       f = kernel(variant, impl)
       forward = jax.jit(f)
       backward = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2)))
@@ -79,8 +85,6 @@ def main():
       grads = np.concatenate([np.asarray(g, np.float32).ravel() for g in backward(q, k, v)])
       reference = (out, grads) if reference is None else reference
       memory = backward.lower(q, k, v).compile().memory_analysis()
-      if impl == 'cudnn' and variant == 'diff_v1' and attention.cudnn_takes_wide_values():
-        impl = 'cudnn_wide'
       row = {'variant': variant, 'impl': impl, 'device': jax.devices()[0].device_kind,
              'shape': f'b{args.batch} t{args.seq} E{args.width} h{args.heads}/{args.kv_heads} {args.dtype}',
              'fwd_ms': median_ms(forward, (q, k, v), args.iters),
@@ -93,7 +97,7 @@ def main():
       rows.append(row)
   header = f'{"variant":<9} {"impl":<11} {"fwd ms":>8} {"fwd+bwd ms":>11} {"fwd TF/s":>9} {"f+b TF/s":>9} ' \
            f'{"temp MiB":>9} {"rel err":>9} {"grad err":>9}'
-  print(f'{rows[0]["device"]}, {rows[0]["shape"]}, errors against {impls[0]}')
+  print(f'{rows[0]["device"]}, {rows[0]["shape"]}; errors against each variant\'s first row')
   print(header)
   for r in rows:
     print(f'{r["variant"]:<9} {r["impl"]:<11} {r["fwd_ms"]:>8.3f} {r["fwd_bwd_ms"]:>11.3f} {r["fwd_tflops"]:>9.1f} '

@@ -152,7 +152,7 @@ def test_document_mask_cudnn_matches_xla(variant):
       return attention.diff_v1_attention(q, k, v, 0.37, impl, segment_ids_BxT=segments)
     return attention.softmax_attention(q, k, v, impl, segment_ids_BxT=segments)
 
-  probe = random_input(jax.eval_shape(run, q, k, v, 'xla').shape, seed=7)
+  probe = random_input(jax.eval_shape(functools.partial(run, impl='xla'), q, k, v).shape, seed=7)
   loss = lambda q, k, v, impl: jnp.sum(run(q, k, v, impl) * probe)
   outputs = {impl: jax.jit(run, static_argnums=3)(q, k, v, impl) for impl in ('cudnn', 'xla')}
   assert _rel(outputs['cudnn'], outputs['xla']) < FORWARD_TOL
@@ -162,10 +162,12 @@ def test_document_mask_cudnn_matches_xla(variant):
     assert _rel(g_cudnn, g_xla) < GRAD_TOL, (name, _rel(g_cudnn, g_xla))
 
 
-@pytest.mark.parametrize('impl', ['cudnn', 'cudnn_split'])
+@pytest.mark.parametrize('impl', ['cudnn_wide', 'cudnn_split'])
 @pytest.mark.parametrize('segments', [False, True])
 def test_diff_v1_cudnn_forms_match_xla(impl, segments):
-  """Both cuDNN forms of DIFF V1 (wide values where cuDNN takes them, else split V) against the XLA path."""
+  """Both cuDNN forms of DIFF V1 (one call per map on 2D-wide values; each map on both halves of V) against XLA."""
+  if impl == 'cudnn_wide' and not attention.cudnn_takes_wide_values():
+    pytest.skip('this cuDNN or GPU does not take values wider than keys')
   b, t, h, g, d = 2, 256, 4, 2, 64
   q, k = (jnp.asarray(random_input((b, t, 2 * n, d), seed=s), jnp.bfloat16) for n, s in ((h, 1), (g, 2)))
   v = jnp.asarray(random_input((b, t, g, 2 * d), seed=3), jnp.bfloat16)
@@ -183,7 +185,8 @@ def test_diff_v1_cudnn_forms_match_xla(impl, segments):
 
 
 def test_hopper_runs_diff_v1_with_wide_values():
-  # cuDNN 9.10+ on Hopper takes values wider than keys: the one-call-per-map form must be the one 'cudnn' runs.
+  # cuDNN 9.10+ on Hopper takes values wider than keys: at D = 64 'cudnn' must run the one-call-per-map form.
   if not any(getattr(device, 'compute_capability', '0') >= '9.0' for device in jax.devices()):
     pytest.skip('wide values need a Hopper GPU or newer')
   assert attention.cudnn_takes_wide_values()
+  assert attention.cudnn_diff_v1_form(64) == 'wide' and attention.cudnn_diff_v1_form(128) == 'split'
