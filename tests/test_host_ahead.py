@@ -1,0 +1,39 @@
+"""The training loop keeps the host at most one step ahead of the device.
+
+A step's temporaries return to the allocator only once the step has run, so a host that queued several steps would
+need their temporaries at once (on a GPU, an out-of-memory error a few steps into a run whose step fits).
+"""
+
+from diffjax import trainer
+from helpers_training import load_config, run_overrides, write_corpus
+
+STEPS = 8
+
+
+def test_each_step_is_dispatched_only_after_the_one_two_before_has_run(tmp_path, monkeypatch):
+  corpus = write_corpus(tmp_path / 'corpus', num_docs=4, chars_per_doc=20_000)
+  # Logging every 5 steps: the log's reads alone would let the host run four steps ahead.
+  config = load_config(run_overrides(corpus, tmp_path / 'data', train__steps=STEPS, checkpoint__every_steps=STEPS,
+                                     log__eval_every_steps=STEPS, log__every_steps=5))
+  (tmp_path / 'run').mkdir()
+  run = trainer.Run(config, str(tmp_path / 'run'))
+  step_of, waited, dispatched_after = {}, set(), {}
+  real_step, real_wait = run.train_fn, trainer.wait_for_step
+
+  def train_fn(state, batch):
+    step = len(step_of) + 1
+    dispatched_after[step] = set(waited)
+    state, metrics = real_step(state, batch)
+    step_of[id(metrics)] = step
+    return state, metrics
+
+  def wait_for_step(outputs):
+    waited.add(step_of[id(outputs)])
+    real_wait(outputs)
+
+  run.train_fn = train_fn
+  monkeypatch.setattr(trainer, 'wait_for_step', wait_for_step)
+  run.train()
+  assert len(step_of) == STEPS
+  for step in range(3, STEPS + 1):
+    assert step - 2 in dispatched_after[step], (step, sorted(dispatched_after[step]))
