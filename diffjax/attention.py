@@ -93,6 +93,14 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
   return 'xla'
 
 
+def describe_impl(cfg: ModelConfig, seq_len: int) -> str:
+  """The kernel training at `seq_len` runs, in words for the run's first lines, e.g. 'cudnn (wide values)'."""
+  impl = resolve_impl(cfg, seq_len=seq_len)
+  if impl == 'cudnn' and cfg.variant == 'diff_v1':
+    return f'cudnn ({cudnn_diff_v1_form(cfg.head_dim)} values)'
+  return impl
+
+
 def same_document(segment_ids_BxT, segment_ids_BxS=None):
   """(B, T, S) bool: query t and key s lie in the same document of a packed row."""
   segment_ids_BxS = segment_ids_BxT if segment_ids_BxS is None else segment_ids_BxS

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from diffjax import checkpoint as checkpoint_lib
 from diffjax import data as data_lib
-from diffjax import defaults, generate, metrics as metrics_lib, model as model_lib, optim, sharding, train_step
+from diffjax import attention, defaults, generate, metrics as metrics_lib, model as model_lib, optim, sharding, train_step
 from diffjax import workdir as workdir_lib
 from diffjax.errors import ConfigError
 
@@ -289,8 +289,9 @@ class Run:
     own_watcher = watcher is None
     watcher = PreemptionWatcher() if own_watcher else watcher
     profiler = StepProfiler(log, self.workdir)
-    say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, mesh '
-        f'{dict(self.mesh.shape)}, {tc.global_batch_size} x {tc.seq_len} tokens per step')
+    say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, attention '
+        f'{attention.describe_impl(self.cfg, tc.seq_len)}, mesh {dict(self.mesh.shape)}, '
+        f'{tc.global_batch_size} x {tc.seq_len} tokens per step')
     bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
                disable=not log.progress_bar or jax.process_index() != 0)
     pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False

@@ -402,3 +402,9 @@ def test_pallas_is_refused_for_variants_without_a_kernel(variant, monkeypatch):
   with pytest.raises(ConfigError, match=refusal):
     attention.resolve_impl(tiny_config(attention_impl='pallas', variant=variant, d_model=64))
   assert attention.resolve_impl(tiny_config(attention_impl='pallas', variant='diff_v1', d_model=64)) == 'pallas'
+
+
+def test_the_run_names_its_attention_path():
+  assert attention.describe_impl(tiny_config(attention_impl='xla'), seq_len=64) == 'xla'
+  # On a CPU no cuDNN takes wide values, so DIFF V1's cuDNN form is the split one.
+  assert attention.cudnn_diff_v1_form(64) == ('wide' if attention.cudnn_takes_wide_values() else 'split')
