@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from diffjax import attention, cli, inference, model as model_lib
-from diffjax import workdir as workdir_lib
-from diffjax.config import ModelConfig
+from diffjax import cli
 from diffjax.errors import ConfigError
+from diffjax.infer import load as inference
+from diffjax.model import attention
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.train import workdir as workdir_lib
 
 
 def _define_flags():

@@ -13,8 +13,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from diffjax import workdir
 from diffjax.errors import ConfigError, SaveError
+from diffjax.train import workdir
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
 
@@ -34,7 +34,7 @@ def _print_error(message: str, show_traceback: bool):
 
 def report_errors(main):
   """Wraps an absl main: a ConfigError (or a stop for non-finite values) becomes one line on stderr, exit 1."""
-  from diffjax.trainer import NonFiniteError  # the trainer imports this module's flags indirectly
+  from diffjax.train.loop import NonFiniteError  # the trainer imports this module's flags indirectly
 
   def wrapped(argv):
     if not DEBUG.value:
@@ -110,11 +110,11 @@ def _help() -> str:
   main = sys.modules['__main__']
   parts = [(main.__doc__ or '').strip(), flags.FLAGS.main_module_help().strip(), flags.FLAGS.module_help(__name__)]
   if 'config' in flags.FLAGS and hasattr(type(flags.FLAGS['config']), 'config_filename'):  # a config file flag
-    from diffjax import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
+    from diffjax.run import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
     keys = defaults.flatten(defaults.base_config().to_dict())
     width = max(map(len, keys))
-    parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/defaults.py; a config file may change '
-                 'them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
+    parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/run/defaults.py; a config file may '
+                 'change them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
   return '\n\n'.join(part for part in parts if part)
 
 

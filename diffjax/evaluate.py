@@ -15,8 +15,11 @@ import os
 
 from absl import app, flags
 
-from diffjax import cli, corpus as corpus_lib, data as data_lib, inference
+from diffjax import cli
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import pipeline as data_lib
 from diffjax.errors import ConfigError
+from diffjax.infer import load as inference
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 TEXT_GLOB = flags.DEFINE_string('text_glob', None, 'A folder, file or glob of .txt / .txt.gz files to score; '

@@ -35,9 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from diffjax import attention_maps, cli, corpus, generate as generate_lib, inference, tokenizers
-from diffjax.config import ModelConfig
+from diffjax import attention_maps, cli
+from diffjax.data import corpus, tokenizers
 from diffjax.errors import ConfigError
+from diffjax.infer import generate as generate_lib
+from diffjax.infer import load as inference
+from diffjax.model.config import ModelConfig
 
 WORKDIR = flags.DEFINE_multi_string('workdir', None, 'A training run\'s workdir; repeat to compare runs.')
 TEXT_GLOB = flags.DEFINE_string('text_glob', None, 'Filler text: a folder, file or glob of .txt / .txt.gz files.')

@@ -22,7 +22,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, data, defaults, generate, hf, inference, model
+from diffjax import cli
+from diffjax.data import pipeline as data
+from diffjax.infer import generate, hf
+from diffjax.infer import load as inference
+from diffjax.model import transformer as model
+from diffjax.run import defaults
 
 CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key.',
                                           lock_config=True)

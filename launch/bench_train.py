@@ -23,7 +23,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import checkpoint, cli, data, defaults, metrics, model, optim, sharding, train_step
+from diffjax import cli
+from diffjax.data import pipeline as data
+from diffjax.model import sharding
+from diffjax.model import transformer as model
+from diffjax.run import checkpoint, defaults
+from diffjax.train import metrics, optim
+from diffjax.train import step as train_step
 
 
 class RandomTokens:

@@ -34,9 +34,11 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
-from diffjax import hf, optim, train_step  # pylint: disable=wrong-import-position
-from diffjax.config import ModelConfig  # pylint: disable=wrong-import-position
-from diffjax.model import Transformer  # pylint: disable=wrong-import-position
+from diffjax.infer import hf  # pylint: disable=wrong-import-position
+from diffjax.model.config import ModelConfig  # pylint: disable=wrong-import-position
+from diffjax.model.transformer import Transformer  # pylint: disable=wrong-import-position
+from diffjax.train import optim  # pylint: disable=wrong-import-position
+from diffjax.train import step as train_step  # pylint: disable=wrong-import-position
 
 VOCAB = 256  # bytes
 

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import (assert_close, jit, lambda_of, random_input, random_params, relative_error, set_lambda,
                       tiny_config, to_float64)
-from diffjax import attention, pallas_attention
-from diffjax.attention import ATTENTION_BY_VARIANT, DiffAttentionV1
 from diffjax.errors import ConfigError
+from diffjax.model import attention
+from diffjax.model import kernels as pallas_attention
+from diffjax.model.attention import ATTENTION_BY_VARIANT, DiffAttentionV1
 import reference
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')

@@ -8,8 +8,8 @@ import os
 import pytest
 
 import helpers_training as ht
-from diffjax import corpus as corpus_lib
-from diffjax import data
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
 
 LATIN1 = ('Le café de Noël était très chaud, à côté du lycée. ' * 40).encode('latin-1')

@@ -15,9 +15,13 @@ import sentencepiece as spm
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data, defaults, inference, optim, train_step
+from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
+from diffjax.infer import load as inference
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
 

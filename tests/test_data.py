@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffjax import corpus as corpus_lib
-from diffjax import data
-from diffjax import tokenizers
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import pipeline as data
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -548,7 +548,8 @@ def test_eval_batches_cover_the_validation_rows_once_the_same_for_every_seed(tmp
 _HOST_SCRIPT = textwrap.dedent('''
     import json, os, sys, time
     import numpy as np
-    from diffjax import data, tokenizers
+    from diffjax.data import pipeline as data
+    from diffjax.data import tokenizers
 
     args = json.loads(sys.argv[1])
     calls = {'encode_batch': 0, 'train': 0}

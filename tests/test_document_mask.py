@@ -15,7 +15,11 @@ import pytest
 
 import reference
 from conftest import assert_close, random_input, random_params, tiny_config, to_float64
-from diffjax import attention, data as data_lib, model as model_lib, pallas_attention, train_step
+from diffjax.data import pipeline as data_lib
+from diffjax.model import attention
+from diffjax.model import kernels as pallas_attention
+from diffjax.model import transformer as model_lib
+from diffjax.train import step as train_step
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
 

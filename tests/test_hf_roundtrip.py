@@ -10,9 +10,12 @@ import pytest
 import diffjax
 import helpers_training as ht
 from conftest import assert_close
-from diffjax import generate, hf_tokenizer, inference, tokenizers, trainer
+from diffjax.data import hf_tokenizer, tokenizers
 from diffjax.errors import ConfigError
-from diffjax.model import Transformer
+from diffjax.infer import generate
+from diffjax.infer import load as inference
+from diffjax.model.transformer import Transformer
+from diffjax.train import loop as trainer
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -15,9 +15,13 @@ import pytest
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, inference, optim, tokenizers, train_step
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.infer import load as inference
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 STEPS = (1, 2)
 

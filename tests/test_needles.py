@@ -12,8 +12,11 @@ import pytest
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import generate, needles, tokenizers, trainer
+from diffjax import needles
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.infer import generate
+from diffjax.train import loop as trainer
 
 NOTEBOOK = ht.REPO / 'notebooks' / 'quickstart.ipynb'
 TOKENIZER = tokenizers.ByteTokenizer()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, random_input, random_params, relative_error, tiny_config
-from diffjax import attention, pallas_attention
-from diffjax.attention import DiffAttentionV1, MultiHeadAttention
 from diffjax.errors import ConfigError
+from diffjax.model import attention
+from diffjax.model import kernels as pallas_attention
+from diffjax.model.attention import DiffAttentionV1, MultiHeadAttention
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
 

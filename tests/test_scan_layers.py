@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import inference, optim, train_step
-from diffjax import model as model_lib
+from diffjax.infer import load as inference
+from diffjax.model import transformer as model_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import (cli_command, cli_env, random_params, read_metrics, run_overrides, sharded_state,
                               single_device_mesh, tiny_model, train_config, write_corpus)
 

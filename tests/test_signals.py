@@ -17,7 +17,7 @@ STOPPED = 'stopped on request ({}); there was nothing to save'
 # Data preparation made slow enough to be caught in the act: each split's shards take a minute once written.
 SLOW_PREPARATION = """
 import runpy, sys, time
-from diffjax import data
+from diffjax.data import pipeline as data
 write_split = data._write_split
 def slow_write_split(*args, **kwargs):
   result = write_split(*args, **kwargs)

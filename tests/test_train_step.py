@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax import model as model_lib
-from diffjax import optim
-from diffjax import train_step
+from diffjax.model import transformer as model_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import random_params, sharded_state, single_device_mesh, tiny_model, train_config
 
 CFG = tiny_model()

@@ -20,10 +20,13 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import defaults, optim, sharding, train_step
-from diffjax.tokenizers import ByteTokenizer
+from diffjax.data import pipeline as data_lib
+from diffjax.data.tokenizers import ByteTokenizer
+from diffjax.model import sharding
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import cli_command, cli_env, load_config, read_metrics, run_overrides, train_losses, write_corpus
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out

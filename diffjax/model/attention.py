@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax import pallas_attention
-from diffjax.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
 from diffjax.errors import ConfigError
+from diffjax.model import kernels
+from diffjax.model.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -72,10 +72,10 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False) -> str:
   if requested == 'pallas' and cfg.variant != 'diff_v1':
     raise ConfigError(f"model.attention_impl: 'pallas' has a kernel for diff_v1 only, not {cfg.variant}; use "
                       "'auto', 'xla' or 'cudnn'")
-  if requested == 'pallas' and not (on_gpu or pallas_attention.interpret_requested()):
-    raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {pallas_attention.INTERPRET_ENV}=1 "
+  if requested == 'pallas' and not (on_gpu or kernels.interpret_requested()):
+    raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {kernels.INTERPRET_ENV}=1 "
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
-  if requested == 'pallas' and not pallas_attention.head_dim_supported(head_dim):
+  if requested == 'pallas' and not kernels.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
   if cached:
     return 'xla'
@@ -140,7 +140,7 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   scale = d ** -0.5
   if impl == 'pallas':
-    return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
+    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
                                                     segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
-from diffjax.config import REMAT_POLICIES, ModelConfig
+from diffjax.model.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
+from diffjax.model.config import REMAT_POLICIES, ModelConfig
 
 ACTIVATION_AXES = ('batch', 'length', 'act_embed')
 
@@ -69,7 +69,7 @@ class Transformer(nn.Module):
 
   With `return_hidden`, the final-normed hidden states (B, T, E) in the compute dtype take the logits' place: the
   output projection (`output_kernel`) is left to the caller, so a loss can apply it a chunk of tokens at a time
-  (`diffjax.losses`). The parameters are those of the default call, which is what `init` must run.
+  (`diffjax.model.losses`). The parameters are those of the default call, which is what `init` must run.
   """
   cfg: ModelConfig
 

@@ -16,7 +16,7 @@ def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss
   """Sums over real tokens: (cross-entropy, z-loss term z * logsumexp^2, token count), as the plain loss gives.
 
   `hidden_BxTxE` is the model's final-normed output in its compute dtype, `kernel_ExV` the float32 output
-  projection (`model.output_kernel`). Each chunk's logits are computed in the hidden states' dtype, as the model's
+  projection (`transformer.output_kernel`). Each chunk's logits are computed in the hidden states' dtype, as the model's
   head computes them; logsumexp and the sums are float32. Padding (mask 0) contributes nothing, and so do the mask-0
   rows that fill the last chunk when B*T is not a multiple of `chunk`.
   """

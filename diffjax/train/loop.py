@@ -14,11 +14,17 @@ import ml_collections
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import defaults, generate, metrics as metrics_lib, model as model_lib, optim, sharding, train_step
-from diffjax import workdir as workdir_lib
+from diffjax.data import pipeline as data_lib
 from diffjax.errors import ConfigError
+from diffjax.infer import generate
+from diffjax.model import sharding
+from diffjax.model import transformer as model_lib
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import metrics as metrics_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
+from diffjax.train import workdir as workdir_lib
 
 
 class StepProfiler:
@@ -156,7 +162,7 @@ class Run:
   """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, launched: float | None = None):
-    """Makes this process the workdir's one writer (readers open runs with `inference.open_run` instead).
+    """Makes this process the workdir's one writer (readers open runs with `diffjax.infer.load.open_run` instead).
 
     `launched`: the `time.perf_counter()` of the process's launch, from which `startup_s` counts (default: now).
     """

@@ -34,8 +34,8 @@ from etils import epath
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from diffjax import corpus as corpus_lib
-from diffjax import tokenizers
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
 
 SOURCES = ('stdlib', 'local', 'tfds')

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffjax import data, losses
-from diffjax import model as model_lib
-from diffjax.config import ModelConfig
-from diffjax.sharding import LOGICAL_AXIS_RULES
+from diffjax.data import pipeline
+from diffjax.model import losses
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.model.sharding import LOGICAL_AXIS_RULES
 
 State = dict[str, Any]  # {'step', 'params', 'opt_state', 'nonfinite_steps', 'first_nonfinite_step'}
 
@@ -24,9 +25,9 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
-  """ShapeDtypeStructs of a batch (`diffjax.data.BATCH_DTYPES`), for compiling the steps ahead of time."""
+  """ShapeDtypeStructs of a batch (`diffjax.data.pipeline.BATCH_DTYPES`), for compiling the steps ahead of time."""
   return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
-          for key, dtype in data.BATCH_DTYPES.items()}
+          for key, dtype in pipeline.BATCH_DTYPES.items()}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):

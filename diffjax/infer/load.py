@@ -20,10 +20,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers, train_step
-from diffjax.config import ModelConfig
+from diffjax import cli
+from diffjax.data import pipeline as data_lib
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import step as train_step
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
