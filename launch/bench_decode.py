@@ -24,8 +24,7 @@ from ml_collections import config_flags
 
 from diffjax import cli
 from diffjax.data import pipeline as data
-from diffjax.infer import generate, hf
-from diffjax.infer import load as inference
+from diffjax.infer import generate, hf, load
 from diffjax.model import transformer as model
 from diffjax.run import defaults
 
@@ -108,7 +107,7 @@ def row_text(r) -> str:
 def main(argv):
   del argv
   if WORKDIR.value:
-    cfg, params, _, _ = inference.open_run(WORKDIR.value)
+    cfg, params, _, _ = load.open_run(WORKDIR.value)
     models = [(cfg, params)]
   else:
     config = CONFIG.value

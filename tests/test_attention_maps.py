@@ -15,8 +15,8 @@ import pytest
 import helpers_training as ht
 import reliability_helpers as rh
 from conftest import assert_close, random_params, tiny_config
-from diffjax import attention_maps
 from diffjax.data import tokenizers
+from diffjax.infer import attention_maps
 from diffjax.model import attention
 from diffjax.model.transformer import Transformer
 from diffjax.run import checkpoint as checkpoint_lib

@@ -136,7 +136,7 @@ def test_hidden_states_are_in_the_compute_dtype():
 @functools.cache
 def _token_losses_fn(cfg, chunk: int):
   def total(params, batch):
-    ce, z, tokens = train_step.token_losses(cfg, params, batch, Z_LOSS, chunk)
+    ce, z, tokens = losses.token_losses(cfg, params, batch, Z_LOSS, chunk)
     return ce + z, (ce, z, tokens)
   return jit(jax.value_and_grad(total, has_aux=True))
 

@@ -101,8 +101,8 @@ def test_second_writer_is_refused_and_readers_touch_nothing(tmp_path, corpus):
 
 
 def lock_in_subprocess(workdir, hold_s: float) -> subprocess.Popen:
-  code = (f'import time; from diffjax.train import workdir; workdir.claim({str(workdir)!r}); print("held", flush=True); '
-          f'time.sleep({hold_s})')
+  code = (f'import time; from diffjax.train import workdir; workdir.claim({str(workdir)!r}); '
+          f'print("held", flush=True); time.sleep({hold_s})')
   process = subprocess.Popen([sys.executable, '-c', code], env=rh.env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   assert process.stdout.readline() == 'held\n', process.communicate()

@@ -11,7 +11,6 @@ see the slots s <= p, and returns (output, updated cache). Projections, RoPE, λ
 
 import functools
 import logging
-import math
 
 import flax.linen as nn
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from diffjax.errors import ConfigError
 from diffjax.model import kernels
 from diffjax.model.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
+from diffjax.model.layers import RMSNorm, dense, output_stddev
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -140,8 +140,7 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   scale = d ** -0.5
   if impl == 'pallas':
-    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
-                                                    segment_ids_BxT=segment_ids_BxT)
+    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     # cuDNN needs value width == key width: run each map against both D-wide halves of V. Stacking the q1
     # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
@@ -174,32 +173,6 @@ def reparameterised_lambda(attn_params, layer, lambda_init_schedule=PAPER_LAMBDA
   p = {n: jnp.asarray(attn_params[n], jnp.float32) for n in LAMBDA_VECTORS}
   return (jnp.exp(jnp.sum(p['lambda_q1'] * p['lambda_k1'])) - jnp.exp(jnp.sum(p['lambda_q2'] * p['lambda_k2']))
           + lambda_init_for(layer, lambda_init_schedule))
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learnable scale (ones at init), or none; computes and returns float32."""
-  eps: float = 1e-5
-  learnable_scale: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    if not self.learnable_scale:
-      return x
-    return x * self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                          (x.shape[-1],), jnp.float32)
-
-
-def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float = 0.02):
-  """A bias-free projection with float32 parameters, computing in cfg's dtype."""
-  return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes))
-
-
-def output_stddev(cfg: ModelConfig) -> float:
-  # Scaled down with depth, the residual stream's variance stays O(1) at init however many blocks add to it.
-  return cfg.residual_init_gain * (0.02 / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else 0.02)
 
 
 def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):

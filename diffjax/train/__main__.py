@@ -34,8 +34,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffjax import cli  # noqa: E402
-from diffjax.data import pipeline as data_lib  # noqa: E402
+from diffjax.data import prepare  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
+from diffjax.infer import generate  # noqa: E402
 from diffjax.train import loop, metrics, validate  # noqa: E402
 from diffjax.train import workdir as workdir_lib  # noqa: E402
 
@@ -85,9 +86,9 @@ def join_processes():
 
 
 def remove_partial_data(data_cfg):
-  """An exit on a signal skips the clean-up of data preparation, which writes FOLDER.partial-PID (diffjax.data.pipeline)
+  """An exit on a signal skips the clean-up of data preparation, which writes FOLDER.partial-PID (diffjax.data.prepare)
   and renames it when complete: no run ever reads that folder, but it would take its space for good."""
-  for folder in glob.glob(os.path.join(data_lib.data_root(data_cfg), '*', f'*.partial-{os.getpid()}')):
+  for folder in glob.glob(os.path.join(prepare.data_root(data_cfg), '*', f'*.partial-{os.getpid()}')):
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -125,11 +126,21 @@ def train(watcher: loop.PreemptionWatcher):
   summary = run.train(watcher)
   if summary['preempted']:  # the grace period after SIGTERM is short: no sample, no plots
     return
-  text = run.sample(config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
+  text = sample(run, config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
   curves = metrics.plot_curves(workdir)
   loop.say(f'\nsample after step {summary["step"]}:\n{text}\n')
   loop.say(f'checkpoints: {run.checkpoints.directory}\nmetrics: {os.path.join(workdir, "metrics.jsonl")}'
-              + (f'\ncurves: {curves}' if curves else ''))
+           + (f'\ncurves: {curves}' if curves else ''))
+
+
+def sample(run: loop.Run, prompt: str, num_tokens: int, temperature: float) -> str:
+  """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
+  tokenizer = run.pipeline.tokenizer
+  # The sample closes a finished run, so it fits itself into max_len rather than failing after the training.
+  ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-(run.cfg.max_len - 1):]
+  result = generate.generate(run.cfg, run.state['params'], [ids], min(num_tokens, run.cfg.max_len - len(ids)),
+                             temperature=temperature, seed=run.config.seed, eos_id=tokenizer.eos_id)
+  return prompt + tokenizer.decode(result.tokens[0])
 
 
 def run():

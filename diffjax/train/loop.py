@@ -15,8 +15,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from diffjax.data import pipeline as data_lib
-from diffjax.errors import ConfigError
-from diffjax.infer import generate
+from diffjax.errors import ConfigError, NonFiniteError
 from diffjax.model import sharding
 from diffjax.model import transformer as model_lib
 from diffjax.run import checkpoint as checkpoint_lib
@@ -58,10 +57,6 @@ class StepProfiler:
     if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""
 
 
 class PreemptionWatcher:
@@ -382,12 +377,3 @@ class Run:
       record['peak_memory_gib'] = memory['peak_bytes_in_use'] / 2**30
     writer.write(step, record)
     return {'step': step, **record}
-
-  def sample(self, prompt: str, num_tokens: int, temperature: float) -> str:
-    """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
-    tokenizer = self.pipeline.tokenizer
-    # The sample closes a finished run, so it fits itself into max_len rather than failing after the training.
-    ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-(self.cfg.max_len - 1):]
-    result = generate.generate(self.cfg, self.state['params'], [ids], min(num_tokens, self.cfg.max_len - len(ids)),
-                               temperature=temperature, seed=self.config.seed, eos_id=tokenizer.eos_id)
-    return prompt + tokenizer.decode(result.tokens[0])
