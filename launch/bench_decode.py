@@ -4,7 +4,7 @@
   python launch/bench_decode.py --config=configs/tiny.py --prompt_len=16 --tokens=32     # a CPU check
 
 Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes
-all `--tokens` tokens through `diffjax.generate`, the path `python -m diffjax.sample` uses. Compilation is
+all `--tokens` tokens through `diffjax.infer.generate`, the path `python -m diffjax.sample` uses. Compilation is
 excluded; each setting runs once to warm up, then `--repeats` times, and the best run counts. With `--hf 1` the same
 weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache and
 `torch.compile`, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no

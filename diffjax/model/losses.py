@@ -1,11 +1,11 @@
-"""A model's loss on a batch: summed cross-entropy and z-loss over real tokens, from the full logits or from the
-final hidden states a chunk of tokens at a time, without the full logits.
+"""A model's loss on a batch (`token_losses`): from its logits, or from the final hidden states a chunk of tokens at a
+time, without the full logits (`chunked_token_losses`).
 
 The plain loss asks the model for float32 logits (B, T, V): at a 32k vocabulary and 16x2048 tokens they alone
-take about 4 GiB, and their gradient as much again. The chunked loss flattens the tokens and runs them through a
-loop, `chunk` at a time; each chunk's logits exist only inside one iteration, and `jax.checkpoint` makes the backward
-pass recompute them rather than keep every chunk's. The logits' memory falls to one chunk's, for one more
-(chunk, E) x (E, V) matmul per chunk in the backward pass.
+take about 4 GiB, and their gradient as much again. Here the tokens are flattened and run through a loop, `chunk` at a
+time; each chunk's logits exist only inside one iteration, and `jax.checkpoint` makes the backward pass recompute
+them rather than keep every chunk's. The logits' memory falls to one chunk's, for one more (chunk, E) x (E, V)
+matmul per chunk in the backward pass.
 """
 
 import flax.linen as nn
