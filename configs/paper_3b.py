@@ -3,7 +3,7 @@ lr 3.2e-4, warmup 1000, weight decay 0.1, AdamW betas (0.9, 0.95); 250,000 steps
 microbatches of 8 sequences, which leaves room on an 8-chip TPU slice (32 fit there too: see the README's table of
 memory per chip); on more devices lower train.microbatches."""
 
-from diffjax.defaults import base_config, recipe_data
+from diffjax.run.defaults import base_config, recipe_data
 
 
 def get_config():

@@ -1,7 +1,7 @@
-"""The paper's 6.8B scaling run (see diffjax.defaults.SCALING_RUNS); --config.model.variant=baseline for its
+"""The paper's 6.8B scaling run (see diffjax.run.defaults.SCALING_RUNS); --config.model.variant=baseline for its
 Transformer counterpart."""
 
-from diffjax.defaults import scaling_config
+from diffjax.run.defaults import scaling_config
 
 
 def get_config():

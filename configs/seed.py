@@ -5,7 +5,7 @@ The 2M-token batch (1024 sequences) runs on one device through 64 microbatches o
 lower train.microbatches so that each device still holds 16 sequences.
 """
 
-from diffjax.defaults import base_config, recipe_data
+from diffjax.run.defaults import base_config, recipe_data
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A small DIFF model that trains on a laptop CPU in minutes, on the Python standard library's source code."""
 
-from diffjax.defaults import base_config
+from diffjax.run.defaults import base_config
 
 
 def get_config():

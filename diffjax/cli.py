@@ -1,10 +1,11 @@
-"""What the command-line entry points share: one-line errors and loading a finished run's config."""
+"""What the command-line entry points share: one-line errors, flag parsing, the help, and writing their output."""
 
-import json
+import contextlib
 import logging as std_logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import traceback
 import warnings
@@ -13,8 +14,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from diffjax import workdir
-from diffjax.errors import ConfigError, SaveError
+from diffjax.errors import ConfigError, NonFiniteError, SaveError
+from diffjax.train import workdir
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
 
@@ -34,8 +35,6 @@ def _print_error(message: str, show_traceback: bool):
 
 def report_errors(main):
   """Wraps an absl main: a ConfigError (or a stop for non-finite values) becomes one line on stderr, exit 1."""
-  from diffjax.trainer import NonFiniteError  # the trainer imports this module's flags indirectly
-
   def wrapped(argv):
     if not DEBUG.value:
       logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
@@ -110,11 +109,11 @@ def _help() -> str:
   main = sys.modules['__main__']
   parts = [(main.__doc__ or '').strip(), flags.FLAGS.main_module_help().strip(), flags.FLAGS.module_help(__name__)]
   if 'config' in flags.FLAGS and hasattr(type(flags.FLAGS['config']), 'config_filename'):  # a config file flag
-    from diffjax import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
+    from diffjax.run import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
     keys = defaults.flatten(defaults.base_config().to_dict())
     width = max(map(len, keys))
-    parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/defaults.py; a config file may change '
-                 'them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
+    parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/run/defaults.py; a config file may '
+                 'change them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
   return '\n\n'.join(part for part in parts if part)
 
 
@@ -155,9 +154,22 @@ def _config_file_error(flag: str, error: OSError) -> str:
   return f'--{flag}: cannot load the config file ({reason}); give one such as configs/tiny.py'
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'--workdir: {workdir} holds no diffjax run (no config.json); give the workdir of a training run')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+# -- what the commands write ------------------------------------------------------------------------------------
+
+def output_folder(folder: str, flag: str) -> str:
+  """`folder`, made if missing and found writable, so a command refuses it before its work rather than after."""
+  with writing(folder, flag):
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  return folder
+
+
+@contextlib.contextmanager
+def writing(path: str, flag: str):
+  """Turns a failure to write `path` (a read-only folder, a full disk, a folder in the way) into one line."""
+  try:
+    yield
+  except OSError as error:
+    raise ConfigError(f'{flag}: cannot write {path} ({error.strerror or error}); give a folder you can write to '
+                      f'with {flag}=DIR') from None

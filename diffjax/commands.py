@@ -13,7 +13,7 @@ import sys
 
 # command -> module; `compare` is a script of the repository, not of the installed package.
 COMMANDS = {
-    'train': 'diffjax.train',
+    'train': 'diffjax.train.__main__',
     'prepare': 'diffjax.prepare',
     'sample': 'diffjax.sample',
     'evaluate': 'diffjax.evaluate',

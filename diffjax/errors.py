@@ -1,4 +1,5 @@
-"""One exception type for input a user can fix, reported as one line by the command-line entry points."""
+"""The exceptions the command-line entry points report as one line: input a user can fix, a failed save and a run
+stopped by non-finite values. Every layer raises them, so this module imports nothing of the package."""
 
 
 class ConfigError(ValueError):
@@ -11,3 +12,7 @@ class ConfigError(ValueError):
 class SaveError(ConfigError):
   """A checkpoint could not be written (a full disk, a missing folder). The run ends at once: Orbax's threads of a
   failed asynchronous save may wait forever, so the program exits without waiting for them."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""

@@ -15,8 +15,9 @@ import os
 
 from absl import app, flags
 
-from diffjax import cli, corpus as corpus_lib, data as data_lib, inference
-from diffjax.errors import ConfigError
+from diffjax import cli
+from diffjax.data import pipeline as data_lib
+from diffjax.infer import load, score
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 TEXT_GLOB = flags.DEFINE_string('text_glob', None, 'A folder, file or glob of .txt / .txt.gz files to score; '
@@ -25,34 +26,25 @@ BATCHES = flags.DEFINE_integer('batches', 0, 'Validation: batches of train.globa
                                'run\'s log.eval_batches).', lower_bound=0)
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Rows of seq_len tokens per evaluation step.', lower_bound=1)
 
-def read_texts(text_glob: str) -> list[str]:
-  try:
-    texts = [corpus_lib.read_document(path) for path in corpus_lib.find_text_files(text_glob)]
-  except ConfigError as error:  # the corpus module names its own config key
-    raise ConfigError(str(error).replace('data.text_glob:', '--text_glob:', 1)) from None
-  if not any(texts):
-    raise ConfigError(f'--text_glob: every file matching {text_glob!r} is empty; point it at text files with content')
-  return texts
-
 
 @cli.report_errors
 def main(argv):
   del argv
-  cfg, params, tokenizer, step = inference.open_run(WORKDIR.value)
-  config = inference.run_config(WORKDIR.value)
+  cfg, params, tokenizer, step = load.open_run(WORKDIR.value)
+  config = load.run_config(WORKDIR.value)
   seq_len = config.train.seq_len
   if TEXT_GLOB.value is not None:
-    texts = read_texts(TEXT_GLOB.value)
-    totals = inference.score(cfg, params, inference.text_batches(tokenizer, texts, seq_len, BATCH_SIZE.value), tokenizer)
+    texts = score.read_texts(TEXT_GLOB.value)
+    totals = score.score(cfg, params, score.text_batches(tokenizer, texts, seq_len, BATCH_SIZE.value), tokenizer)
     totals['bytes'] = sum(len(text.encode('utf-8')) for text in texts)
     data = TEXT_GLOB.value
   else:
     rows = (BATCHES.value or config.log.eval_batches) * config.train.global_batch_size
     pipeline = data_lib.build_input(config.data, seq_len=seq_len, batch_size=BATCH_SIZE.value, seed=config.seed,
                                     workdir=os.path.abspath(WORKDIR.value))
-    totals = inference.score(cfg, params, pipeline.eval_batches(-(-rows // BATCH_SIZE.value)), tokenizer)
+    totals = score.score(cfg, params, pipeline.eval_batches(-(-rows // BATCH_SIZE.value)), tokenizer)
     data = 'validation'
-  print(json.dumps({'step': step, 'data': data, **inference.summary(totals)}))
+  print(json.dumps({'step': step, 'data': data, **score.summary(totals)}))
 
 
 if __name__ == '__main__':

@@ -2,14 +2,15 @@
 
 The newest readable checkpoint's parameters, in the DiffLlama or Llama layout that
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads, with the run's tokenizer for
-`transformers.AutoTokenizer` and a generation config that stops at the end-of-document token (`diffjax.hf`).
+`transformers.AutoTokenizer` and a generation config that stops at the end-of-document token (`diffjax.infer.hf`).
 Needs safetensors or torch (`pip install -e ".[hf]"`).
 """
 
 from absl import app, flags
 
-from diffjax import cli, hf
+from diffjax import cli
 from diffjax.errors import ConfigError
+from diffjax.infer import hf
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write.')

@@ -9,7 +9,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, data
+from diffjax import cli
+from diffjax.data import pipeline
 from diffjax.errors import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/seed.py.', lock_config=True)
@@ -22,10 +23,10 @@ def main(argv):
   if CONFIG.value is None:
     raise ConfigError('--config is required, e.g. --config=configs/seed.py')
   config = cli.config_value(CONFIG)
-  pipeline = data.build_input(config.data, seq_len=config.train.seq_len, batch_size=1, seed=config.seed,
-                              workdir=WORKDIR.value)
-  meta = pipeline.meta
-  print(json.dumps({'folder': pipeline.folder, 'tokenizer': meta['tokenizer'],
+  prepared = pipeline.build_input(config.data, seq_len=config.train.seq_len, batch_size=1, seed=config.seed,
+                                  workdir=WORKDIR.value)
+  meta = prepared.meta
+  print(json.dumps({'folder': prepared.folder, 'tokenizer': meta['tokenizer'],
                     **{f'{split}_sequences': info['rows'] for split, info in meta['splits'].items()},
                     **{f'{split}_tokens': info['tokens'] for split, info in meta['splits'].items()}}))
 

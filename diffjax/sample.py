@@ -11,7 +11,8 @@ import sys
 
 from absl import app, flags
 
-from diffjax import cli, generate, inference
+from diffjax import cli
+from diffjax.infer import generate, load
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
 PROMPT = flags.DEFINE_string('prompt', 'def ', 'Text to continue; empty: the start of a document.')
@@ -29,7 +30,7 @@ flags.register_validator('top_p', lambda value: 0 < value <= 1, message='must be
 @cli.report_errors
 def main(argv):
   del argv
-  cfg, params, tokenizer, step = inference.open_run(WORKDIR.value)
+  cfg, params, tokenizer, step = load.open_run(WORKDIR.value)
   # An empty prompt starts a new document, which in training follows an EOS token.
   prompt_ids = tokenizer.encode(PROMPT.value) or [tokenizer.eos_id]
   result = generate.generate(cfg, params, [prompt_ids] * NUM_SAMPLES.value, TOKENS.value,

@@ -20,8 +20,13 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffjax import cli, data, defaults, optim, sharding, train_step  # noqa: E402
+from diffjax import cli  # noqa: E402
+from diffjax.data import pipeline as data  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
+from diffjax.model import sharding  # noqa: E402
+from diffjax.run import defaults  # noqa: E402
+from diffjax.train import optim  # noqa: E402
+from diffjax.train import step as train_step  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/paper_1_4b.py.',
                                          lock_config=True)

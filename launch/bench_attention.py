@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import attention
+from diffjax.model import attention
 
 
 def inputs(variant, args, key):

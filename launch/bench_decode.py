@@ -4,7 +4,7 @@
   python launch/bench_decode.py --config=configs/tiny.py --prompt_len=16 --tokens=32     # a CPU check
 
 Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes
-all `--tokens` tokens through `diffjax.generate`, the path `python -m diffjax.sample` uses. Compilation is
+all `--tokens` tokens through `diffjax.infer.generate`, the path `python -m diffjax.sample` uses. Compilation is
 excluded; each setting runs once to warm up, then `--repeats` times, and the best run counts. With `--hf 1` the same
 weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache and
 `torch.compile`, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no
@@ -22,7 +22,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, data, defaults, generate, hf, inference, model
+from diffjax import cli
+from diffjax.data import pipeline as data
+from diffjax.infer import generate, hf, load
+from diffjax.model import transformer as model
+from diffjax.run import defaults
 
 CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key.',
                                           lock_config=True)
@@ -103,7 +107,7 @@ def row_text(r) -> str:
 def main(argv):
   del argv
   if WORKDIR.value:
-    cfg, params, _, _ = inference.open_run(WORKDIR.value)
+    cfg, params, _, _ = load.open_run(WORKDIR.value)
     models = [(cfg, params)]
   else:
     config = CONFIG.value

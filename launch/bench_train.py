@@ -7,7 +7,7 @@
       --config.train.loss_chunk_tokens=8192 --config.model.remat=True --config.model.remat_policy=dots \
       --config.train.opt_moments_dtype=bfloat16   # the memory options, each can be set alone
 
-Uses the same compiled step, shardings and mesh as training (`diffjax.train_step`), so the numbers are those
+Uses the same compiled step, shardings and mesh as training (`diffjax.train.step`), so the numbers are those
 of `python -m diffjax.train` minus the input pipeline; any config key is set as in training, `--config.KEY=VALUE`.
 With `--data` the step runs on real batches of that corpus (prepared first where needed, as training prepares it),
 each timed step on another batch: some costs depend on the tokens (a scatter-add into rows that many tokens share,
@@ -23,7 +23,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import checkpoint, cli, data, defaults, metrics, model, optim, sharding, train_step
+from diffjax import cli
+from diffjax.data import pipeline as data
+from diffjax.model import sharding
+from diffjax.model import transformer as model
+from diffjax.run import checkpoint, defaults
+from diffjax.train import metrics, optim
+from diffjax.train import step as train_step
 
 
 class RandomTokens:

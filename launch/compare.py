@@ -44,11 +44,13 @@ from etils import epath
 from ml_collections import config_flags
 from scipy import stats
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import defaults, metrics, train_step
-from diffjax.config import VARIANTS
+from diffjax.data import pipeline as data_lib
 from diffjax.errors import ConfigError
+from diffjax.model.config import VARIANTS
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import metrics
+from diffjax.train import step as train_step
 
 # What an arm may not change: every arm of a seed must read the same batches and start from its seed's weights.
 SHARED_BY_ARMS = ('seed', 'data.', 'train.seq_len', 'train.global_batch_size', 'model.variant',

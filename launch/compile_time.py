@@ -16,8 +16,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, defaults, optim, sharding, train_step
-from diffjax.sharding import LOGICAL_AXIS_RULES
+from diffjax import cli
+from diffjax.model import sharding
+from diffjax.model.sharding import LOGICAL_AXIS_RULES
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 CONFIG = config_flags.DEFINE_config_file('config', 'configs/paper_1_4b.py', 'A config file; --config.KEY=VALUE sets '
                                          'any key.', lock_config=True)

@@ -7,7 +7,7 @@ their loss curves side by side.
 
 diffjax builds each variant (diff_v1 -> DiffLlamaForCausalLM, baseline -> LlamaForCausalLM) at the seed shape with
 the settings that Hugging Face hard-codes (flat 0.02 init, no sub-layer norm scale, rotate_half RoPE, RMSNorm eps
-1e-6), and diffjax.hf exports its initial weights into the PyTorch model. Both then take the same steps: random
+1e-6), and diffjax.infer.hf exports its initial weights into the PyTorch model. Both then take the same steps: random
 windows of the byte stream of the text files (documents end with byte 0), drawn in one fixed order; AdamW (β 0.9,
 0.95, weight decay 0.1 on matrices only), peak lr 6e-4 scaled by min(1, (s+1)/warmup) × (0.1 + 0.45 (1 + cos(π s /
 steps))) at step s, gradient clipping at 1.0, bf16 compute with float32 weights. diffjax trains with its own
@@ -34,9 +34,11 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
-from diffjax import hf, optim, train_step  # pylint: disable=wrong-import-position
-from diffjax.config import ModelConfig  # pylint: disable=wrong-import-position
-from diffjax.model import Transformer  # pylint: disable=wrong-import-position
+from diffjax.infer import hf  # pylint: disable=wrong-import-position
+from diffjax.model.config import ModelConfig  # pylint: disable=wrong-import-position
+from diffjax.model.transformer import Transformer  # pylint: disable=wrong-import-position
+from diffjax.train import optim  # pylint: disable=wrong-import-position
+from diffjax.train import step as train_step  # pylint: disable=wrong-import-position
 
 VOCAB = 256  # bytes
 

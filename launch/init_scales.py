@@ -23,7 +23,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, defaults, model as model_lib, tokenizers
+from diffjax import cli
+from diffjax.data import tokenizers
+from diffjax.model import transformer as model_lib
+from diffjax.run import defaults
 
 
 def text_batch(pattern: str, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:

@@ -25,8 +25,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffjax import cli, metrics
+from diffjax import cli
 from diffjax.errors import ConfigError
+from diffjax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

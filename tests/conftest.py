@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax.config import ModelConfig
+from diffjax.model.config import ModelConfig
 import reference
 
 # The reference comparisons hold float32 to 1e-5; keep JAX's default dtypes 32-bit whatever the environment says.

@@ -12,11 +12,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffjax import defaults
-from diffjax import model as model_lib
-from diffjax import sharding
-from diffjax import train_step
-from diffjax.config import ModelConfig
+from diffjax.model import sharding
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.run import defaults
+from diffjax.train import step as train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / 'configs' / 'tiny.py'

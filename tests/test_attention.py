@@ -14,9 +14,10 @@ import pytest
 
 from conftest import (assert_close, jit, lambda_of, random_input, random_params, relative_error, set_lambda,
                       tiny_config, to_float64)
-from diffjax import attention, pallas_attention
-from diffjax.attention import ATTENTION_BY_VARIANT, DiffAttentionV1
 from diffjax.errors import ConfigError
+from diffjax.model import attention, layers
+from diffjax.model import kernels as pallas_attention
+from diffjax.model.attention import ATTENTION_BY_VARIANT, DiffAttentionV1
 import reference
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
@@ -257,7 +258,7 @@ def test_identical_maps_and_unit_lambda_cancel_exactly_before_the_norm():
   chex.assert_shape(out, (2, 6, 3, 16))
   np.testing.assert_array_equal(out, np.zeros_like(out))
   # RMSNorm of zero is zero (eps keeps it finite), so the layer output vanishes too.
-  normed = attention.RMSNorm().apply({'params': {'scale': np.ones(16, np.float32)}}, out)
+  normed = layers.RMSNorm().apply({'params': {'scale': np.ones(16, np.float32)}}, out)
   np.testing.assert_array_equal(normed, np.zeros_like(normed))
 
 

@@ -15,9 +15,14 @@ import pytest
 import helpers_training as ht
 import reliability_helpers as rh
 from conftest import assert_close, random_params, tiny_config
-from diffjax import attention, attention_maps, defaults, optim, tokenizers, train_step
-from diffjax import checkpoint as checkpoint_lib
-from diffjax.model import Transformer
+from diffjax.data import tokenizers
+from diffjax.infer import attention_maps
+from diffjax.model import attention
+from diffjax.model.transformer import Transformer
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 T = 12
 

@@ -17,9 +17,12 @@ import optax
 import pytest
 
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, optim, sharding, train_step
 from diffjax.errors import ConfigError
+from diffjax.model import sharding
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 # A restore that fails part-way leaves Orbax's pending reads to be collected later, which pytest reports as
 # exceptions raised in `__del__`; failing restores are what these tests are about.

@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data, defaults, train_step
-from diffjax import model as model_lib
+from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import step as train_step
 from helpers_training import REPO, TINY_CONFIG, cli_env, run_overrides, write_corpus
 
 sys.path.insert(0, str(REPO / 'launch'))

@@ -8,8 +8,9 @@ import os
 import pytest
 
 import helpers_training as ht
-from diffjax import corpus as corpus_lib
-from diffjax import data
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import pipeline as data
+from diffjax.data import prepare
 from diffjax.errors import ConfigError
 
 LATIN1 = ('Le café de Noël était très chaud, à côté du lycée. ' * 40).encode('latin-1')
@@ -34,8 +35,8 @@ def _prepare(cfg, workdir=None):
 
 
 def _prepared_folders(cfg):
-  root = data.data_root(cfg)
-  return [folder for folder, _, names in os.walk(root) if data.META_FILE in names]
+  root = prepare.data_root(cfg)
+  return [folder for folder, _, names in os.walk(root) if prepare.META_FILE in names]
 
 
 def test_read_document_counts_exactly_the_undecodable_bytes(tmp_path):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import random_input, random_params, tiny_config
-from diffjax import attention
-from diffjax.attention import ATTENTION_BY_VARIANT
-from diffjax.config import ModelConfig
+from diffjax.model import attention
+from diffjax.model.attention import ATTENTION_BY_VARIANT
+from diffjax.model.config import ModelConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu',
                                 reason=f'the cuDNN path needs an NVIDIA GPU; the backend here is '

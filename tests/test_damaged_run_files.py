@@ -1,5 +1,5 @@
 """A damaged config.json or tokenizer.model is one line that names the file and says what to do, in every reader
-(evaluate, sample, attention_maps, needles: all through inference.open_run) and in training; it is never taken
+(evaluate, sample, attention_maps, needles: all through load.open_run) and in training; it is never taken
 for a changed config, and SentencePiece's own C++ log lines never reach the terminal."""
 
 import io
@@ -15,9 +15,13 @@ import sentencepiece as spm
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data, defaults, inference, optim, train_step
+from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
+from diffjax.infer import load
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
 
@@ -65,7 +69,7 @@ def _one_line(error_info) -> str:
 
 
 def test_the_intact_run_opens(run, tmp_path):
-  _, _, tokenizer, step = inference.open_run(str(_copy(run, tmp_path)))
+  _, _, tokenizer, step = load.open_run(str(_copy(run, tmp_path)))
   assert step == 1 and tokenizer.vocab_size == SP_VOCAB
 
 
@@ -75,7 +79,7 @@ def test_a_damaged_config_json_is_named_with_where_a_copy_is(run, tmp_path, dama
   path = workdir / 'config.json'
   path.write_bytes(CONFIG_DAMAGE[damage](path.read_bytes()))
   with pytest.raises(ConfigError) as info:
-    inference.open_run(str(workdir))
+    load.open_run(str(workdir))
   message = _one_line(info)
   assert message.startswith(f'--workdir: {path} is damaged (')
   assert message.endswith('restore it from a copy (every checkpoint keeps one, in checkpoints/STEP/config/metadata)')
@@ -91,7 +95,7 @@ def test_a_damaged_tokenizer_is_named_and_sentencepiece_stays_quiet(run, tmp_pat
   path.write_bytes(_tokenizer_bytes(path.read_bytes())[damage])
   capfd.readouterr()
   with pytest.raises(ConfigError) as info:
-    inference.open_run(str(workdir))
+    load.open_run(str(workdir))
   message = _one_line(info)
   assert message.startswith(f'--workdir: {path} is damaged (') and 'restore it from a copy' in message
   assert capfd.readouterr().err == ''  # SentencePiece logs from C++, straight to the file descriptor
@@ -107,7 +111,7 @@ def test_a_model_of_another_kind_is_not_taken(run, tmp_path):
   (workdir / data.TOKENIZER_FILE).write_bytes(model.getvalue())
   with pytest.raises(ConfigError, match=r"is damaged \(cut short or not a model diffjax trains: normalizer "
                                         r"'nmt_nfkc', not 'identity'"):
-    inference.open_run(str(workdir))
+    load.open_run(str(workdir))
 
 
 # -- training: the workdir's tokenizer and the corpus's cached one --------------------------------------------

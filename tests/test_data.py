@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffjax import corpus as corpus_lib
-from diffjax import data
-from diffjax import tokenizers
+from diffjax.data import corpus as corpus_lib
+from diffjax.data import pipeline as data
+from diffjax.data import prepare
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,8 +246,8 @@ def test_stdlib_default_prepares_and_yields_batches(tmp_path):
 
 def test_packed_rows_are_the_documents_each_followed_by_eos(tmp_path, monkeypatch):
   # Small chunks and shards, so rows cross chunk boundaries and the split spans several files.
-  monkeypatch.setattr(data, '_DOCUMENTS_PER_CHUNK', 4)
-  monkeypatch.setattr(data, '_ROWS_PER_SHARD', 10)
+  monkeypatch.setattr(prepare, '_DOCUMENTS_PER_CHUNK', 4)
+  monkeypatch.setattr(prepare, '_ROWS_PER_SHARD', 10)
   documents = _write_corpus(tmp_path / 'corpus', num_docs=40)
   pipeline = _local_pipeline(tmp_path, seq_len=16, validation_fraction=0.2)
   tokenizer = pipeline.tokenizer
@@ -307,7 +308,7 @@ def test_preparation_is_reused_by_later_runs(tmp_path, monkeypatch):
   assert folder.parent.parent == tmp_path / 'data' and folder.name == 'bytes-seq16'
   assert sorted(p.name for p in folder.parent.iterdir()) == ['bytes-seq16']  # no lock or partial folder left
   assert sorted(p.name for p in folder.iterdir()) == sorted(
-      [data.META_FILE] + [name for split in first.meta['splits'].values() for name in split['shards']])
+      [prepare.META_FILE] + [name for split in first.meta['splits'].values() for name in split['shards']])
   mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
   second = _local_pipeline(tmp_path, seq_len=16, batch_size=2, seed=9)  # another run, other batches and seed
@@ -344,7 +345,7 @@ def test_prepare_command_prepares_what_a_run_then_reuses(tmp_path, monkeypatch):
 
 
 def test_a_failed_preparation_leaves_no_folder_and_is_redone(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, '_DOCUMENTS_PER_CHUNK', 4)
+  monkeypatch.setattr(prepare, '_DOCUMENTS_PER_CHUNK', 4)
   _write_corpus(tmp_path / 'corpus')
   original = tokenizers.ByteTokenizer.encode_batch
   calls = []
@@ -360,7 +361,7 @@ def test_a_failed_preparation_leaves_no_folder_and_is_redone(tmp_path, monkeypat
   with pytest.raises(OSError, match='disk full'):
     data.build_input(cfg, seq_len=16, batch_size=2, seed=0, workdir=None)
   corpus = corpus_lib.open_corpus(cfg)
-  folder = data.prepared_folder(cfg, corpus, tokenizers.ByteTokenizer(), 16)
+  folder = prepare.prepared_folder(cfg, corpus, tokenizers.ByteTokenizer(), 16)
   assert not os.path.exists(folder) and not os.path.exists(folder + '.lock')
 
   pipeline = data.build_input(cfg, seq_len=16, batch_size=2, seed=0, workdir=None)
@@ -372,7 +373,7 @@ def test_a_failed_preparation_leaves_no_folder_and_is_redone(tmp_path, monkeypat
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
   _write_corpus(tmp_path / 'corpus')
   cfg = _local_config(tmp_path)
-  folder = data.prepared_folder(cfg, corpus_lib.open_corpus(cfg), tokenizers.ByteTokenizer(), 16)
+  folder = prepare.prepared_folder(cfg, corpus_lib.open_corpus(cfg), tokenizers.ByteTokenizer(), 16)
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
   os.makedirs(os.path.dirname(folder))
@@ -548,7 +549,8 @@ def test_eval_batches_cover_the_validation_rows_once_the_same_for_every_seed(tmp
 _HOST_SCRIPT = textwrap.dedent('''
     import json, os, sys, time
     import numpy as np
-    from diffjax import data, tokenizers
+    from diffjax.data import pipeline as data
+    from diffjax.data import tokenizers
 
     args = json.loads(sys.argv[1])
     calls = {'encode_batch': 0, 'train': 0}

@@ -15,7 +15,10 @@ import pytest
 
 import reference
 from conftest import assert_close, random_input, random_params, tiny_config, to_float64
-from diffjax import attention, data as data_lib, model as model_lib, pallas_attention, train_step
+from diffjax.data import pipeline as data_lib
+from diffjax.model import attention, losses
+from diffjax.model import kernels as pallas_attention
+from diffjax.model import transformer as model_lib
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
 
@@ -103,13 +106,13 @@ def test_train_step_needs_segment_ids_with_document_mask():
   params = random_params(model_lib.Transformer(cfg), jnp.zeros((1, 8), jnp.int32))
   batch = {'inputs': ROW[None, :-1], 'targets': ROW[None, 1:], 'mask': np.ones((1, len(ROW) - 1), np.float32)}
   with pytest.raises(ValueError, match='model.document_mask needs batches with segment_ids'):
-    train_step.token_losses(cfg, params, batch, 0.0)
+    losses.token_losses(cfg, params, batch, 0.0)
   batch['segment_ids'] = data_lib.segment_ids(batch['inputs'], EOS)
-  masked = train_step.token_losses(cfg, params, batch, 0.0)[0]
-  plain = train_step.token_losses(tiny_config(), params, batch, 0.0)[0]
+  masked = losses.token_losses(cfg, params, batch, 0.0)[0]
+  plain = losses.token_losses(tiny_config(), params, batch, 0.0)[0]
   assert np.isfinite(masked) and not np.isclose(masked, plain)
   # The chunked loss reads the same masked hidden states.
-  chunked = train_step.token_losses(cfg, params, batch, 0.0, chunk_tokens=7)[0]
+  chunked = losses.token_losses(cfg, params, batch, 0.0, chunk_tokens=7)[0]
   np.testing.assert_allclose(chunked, masked, rtol=1e-5)
 
 

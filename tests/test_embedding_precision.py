@@ -10,7 +10,10 @@ import re
 
 import pytest
 
-from diffjax import defaults, optim, sharding, train_step
+from diffjax.model import sharding
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import REPO, load_config_file
 
 SIXTEEN_BIT = ('bf16', 'f16')

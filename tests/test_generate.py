@@ -10,8 +10,9 @@ import pytest
 
 import reliability_helpers as rh
 from conftest import jit, random_params, tiny_config
-from diffjax import generate, model as model_lib
 from diffjax.errors import ConfigError
+from diffjax.infer import generate
+from diffjax.model import transformer as model_lib
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
 T = 12

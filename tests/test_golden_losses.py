@@ -9,7 +9,7 @@ losses in the second decimal or earlier).
 
 import numpy as np
 
-from diffjax import trainer
+from diffjax.train import loop as trainer
 from helpers_training import load_config, read_metrics, run_overrides, write_corpus
 
 GOLDEN_LOSSES = {1: 5.9953813552856445, 2: 5.998726844787598, 3: 5.772920608520508, 4: 5.565417766571045,

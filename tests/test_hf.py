@@ -10,9 +10,9 @@ import pytest
 
 import diffjax
 from conftest import assert_close, jit, random_params, tiny_config
-from diffjax import hf
 from diffjax.errors import ConfigError
-from diffjax.model import Transformer
+from diffjax.infer import hf
+from diffjax.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
 
@@ -272,6 +272,6 @@ def test_bad_directories_are_one_line_config_errors(tmp_path, monkeypatch):
 
 
 def test_importing_diffjax_imports_neither_jax_nor_the_converter():
-  code = 'import sys, diffjax; print(sorted(m for m in ("jax", "flax", "diffjax.hf") if m in sys.modules))'
+  code = 'import sys, diffjax; print(sorted(m for m in ("jax", "flax", "diffjax.infer.hf") if m in sys.modules))'
   assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         check=True).stdout.strip() == '[]'

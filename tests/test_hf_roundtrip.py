@@ -10,9 +10,11 @@ import pytest
 import diffjax
 import helpers_training as ht
 from conftest import assert_close
-from diffjax import generate, hf_tokenizer, inference, tokenizers, trainer
+from diffjax.data import hf_tokenizer, tokenizers
 from diffjax.errors import ConfigError
-from diffjax.model import Transformer
+from diffjax.infer import generate, load
+from diffjax.model.transformer import Transformer
+from diffjax.train import loop as trainer
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -74,7 +76,7 @@ def test_the_export_holds_the_tokenizer_and_its_special_ids(exported):
 @pytest.mark.slow  # the fixture trains and exports a run: about a minute on 2 CPUs
 def test_transformers_computes_the_runs_logits_and_from_hf_keeps_float32(exported):
   workdir, out = exported
-  cfg, params, tokenizer, _ = inference.open_run(str(workdir))
+  cfg, params, tokenizer, _ = load.open_run(str(workdir))
   tokens_BxT = np.array([tokenizer.encode(ht.english_like_text(64, seed=9)[:48])])
   expected = Transformer(cfg).apply({'params': params}, tokens_BxT)
   model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager')
@@ -90,7 +92,7 @@ def test_transformers_computes_the_runs_logits_and_from_hf_keeps_float32(exporte
 @pytest.mark.parametrize('prompt', ['The ', 'Of the', ' '])
 def test_greedy_generate_continues_as_diffjax_does(exported, prompt):
   workdir, out = exported
-  cfg, params, ours, _ = inference.open_run(str(workdir))
+  cfg, params, ours, _ = load.open_run(str(workdir))
   expected = generate.generate(cfg, params, [ours.encode(prompt)], 40, temperature=0.0, eos_id=ours.eos_id).tokens[0]
   theirs = transformers.AutoTokenizer.from_pretrained(out)
   model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager')

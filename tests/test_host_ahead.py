@@ -4,7 +4,7 @@ A step's temporaries return to the allocator only once the step has run, so a ho
 need their temporaries at once (on a GPU, an out-of-memory error a few steps into a run whose step fits).
 """
 
-from diffjax import trainer
+from diffjax.train import loop as trainer
 from helpers_training import load_config, run_overrides, write_corpus
 
 STEPS = 8

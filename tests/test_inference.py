@@ -15,9 +15,13 @@ import pytest
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, inference, optim, tokenizers, train_step
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.infer import load, score
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 STEPS = (1, 2)
 
@@ -41,7 +45,7 @@ def run(tmp_path_factory):
 
 def test_open_run_gives_config_unboxed_params_tokenizer_and_step(run):
   workdir, saved = run
-  cfg, params, tokenizer, step = inference.open_run(str(workdir))
+  cfg, params, tokenizer, step = load.open_run(str(workdir))
   assert step == STEPS[-1] and isinstance(tokenizer, tokenizers.ByteTokenizer)
   assert (cfg.d_model, cfg.n_layers, cfg.max_len, cfg.vocab_size) == (64, 2, 64, 384)
   assert not any(isinstance(leaf, nn.Partitioned) for leaf in jax.tree.leaves(
@@ -57,7 +61,7 @@ def test_an_unreadable_newest_step_falls_back_and_moves_nothing(run, tmp_path, c
       os.truncate(os.path.join(root, name), 10)
   before = sorted(os.listdir(workdir / 'checkpoints'))
   with caplog.at_level(logging.WARNING):
-    _, params, _, step = inference.open_run(str(workdir))
+    _, params, _, step = load.open_run(str(workdir))
   assert step == STEPS[0]
   jax.tree.map(np.testing.assert_array_equal, params, run[1][STEPS[0]])
   [warning] = [r.getMessage() for r in caplog.records if r.getMessage().startswith('checkpoint step')]
@@ -67,29 +71,29 @@ def test_an_unreadable_newest_step_falls_back_and_moves_nothing(run, tmp_path, c
 
 def test_what_cannot_be_opened_is_one_line(run, tmp_path):
   with pytest.raises(ConfigError, match='^--workdir is required'):
-    inference.open_run('')
+    load.open_run('')
   with pytest.raises(ConfigError, match=r'holds no diffjax run \(no config.json\)'):
-    inference.open_run(str(tmp_path))
+    load.open_run(str(tmp_path))
   shutil.copy(run[0] / 'config.json', tmp_path / 'config.json')
   with pytest.raises(ConfigError, match='has no checkpoint yet'):
-    inference.open_run(str(tmp_path))
+    load.open_run(str(tmp_path))
   config = json.loads((run[0] / 'config.json').read_text())
   config['data']['tokenizer'] = 'sentencepiece'
   (tmp_path / 'config.json').write_text(json.dumps(config))
   with pytest.raises(ConfigError, match='tokenizer.model is missing'):
-    inference.open_run(str(tmp_path))
+    load.open_run(str(tmp_path))
 
 
 def test_text_rows_predict_every_token_once():
   tokenizer, texts, seq_len = tokenizers.ByteTokenizer(), ['abcdefghij', 'xyz', 'hello world'], 8
-  batches = list(inference.text_batches(tokenizer, texts, seq_len, batch_size=2))
+  batches = list(score.text_batches(tokenizer, texts, seq_len, batch_size=2))
   stream = [tokenizer.eos_id] + [i for text in texts for i in tokenizer.encode(text) + [tokenizer.eos_id]]
   targets = np.concatenate([b['targets'][b['mask'] > 0] for b in batches])
   assert targets.tolist() == stream[1:]
   for batch in batches:
     assert batch['inputs'].shape == batch['targets'].shape == (2, seq_len)
     np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
-  assert inference.scored_bytes(tokenizer, batches[0]['targets'], batches[0]['mask']) == 14  # 'abcdefghij', 'xyz'
+  assert score.scored_bytes(tokenizer, batches[0]['targets'], batches[0]['mask']) == 14  # 'abcdefghij', 'xyz'
 
 
 def cli(module, *args):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, jit, param_shapes, random_input, random_params, tiny_config, to_float64
-import diffjax.interop
-from diffjax.attention import DiffAttentionV1
-from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
+from diffjax.infer import interop
+from diffjax.model.attention import DiffAttentionV1
+from diffjax.model.config import ModelConfig
 import reference
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
@@ -44,7 +44,7 @@ def test_readme_usage_reproduces_the_reference_module():
   layer = DiffAttentionV1(ModelConfig(d_model=e, n_heads=2 * h, n_kv_heads=2 * h_kv, dtype='float32',
                                       attention_impl='xla', rope_theta=10000., rope_pairing='interleaved'),
                           layer=depth)
-  params = diffjax.interop.from_reference(state_dict)
+  params = interop.from_reference(state_dict)
   y = layer.apply({'params': params}, x_BxTxE)
 
   expected = reference.diff_v1_from_state_dict(state_dict, to_float64(x_BxTxE), num_heads=h, num_kv_heads=h_kv,
@@ -71,7 +71,7 @@ def test_converted_weights_give_the_reference_output(num_heads, num_kv_heads, de
   cfg = tiny_config(d_model=32, n_heads=2 * num_heads, n_kv_heads=2 * num_kv_heads)
   layer = DiffAttentionV1(cfg, depth)
   x = random_input((2, 8, 32), seed=2)
-  y = jit(layer.apply)({'params': diffjax.interop.from_reference(state_dict)}, x)
+  y = jit(layer.apply)({'params': interop.from_reference(state_dict)}, x)
   expected = reference.diff_v1_from_state_dict(state_dict, to_float64(x), num_heads=num_heads,
                                                num_kv_heads=num_kv_heads, depth=depth)
   assert_close(y, expected)
@@ -80,7 +80,7 @@ def test_converted_weights_give_the_reference_output(num_heads, num_kv_heads, de
 def test_from_reference_gives_the_layers_parameter_tree():
   cfg = tiny_config(d_model=32, n_heads=8, n_kv_heads=4)
   shapes = param_shapes(DiffAttentionV1(cfg, 0), random_input((1, 2, 32)))
-  params = diffjax.interop.from_reference(_reference_state_dict(32, 4, 2))
+  params = interop.from_reference(_reference_state_dict(32, 4, 2))
   assert jax.tree.structure(params) == jax.tree.structure(shapes)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(shapes)):
     assert got.shape == want.shape and got.dtype == np.float32
@@ -96,18 +96,18 @@ def _assert_trees_identical(a, b):
 def test_round_trip_from_flax_is_exact():
   cfg = tiny_config(d_model=32, n_heads=8, n_kv_heads=4)
   params = random_params(DiffAttentionV1(cfg, 0), random_input((1, 2, 32)), seed=2)
-  state_dict = diffjax.interop.to_reference(params)
-  assert set(state_dict) == set(diffjax.interop.REFERENCE_KEYS)
-  _assert_trees_identical(diffjax.interop.from_reference(state_dict), params)
+  state_dict = interop.to_reference(params)
+  assert set(state_dict) == set(interop.REFERENCE_KEYS)
+  _assert_trees_identical(interop.from_reference(state_dict), params)
 
 
 def test_round_trip_from_reference_is_exact():
   state_dict = _reference_state_dict(32, 4, 2, seed=3)
-  _assert_trees_identical(diffjax.interop.to_reference(diffjax.interop.from_reference(state_dict)), state_dict)
+  _assert_trees_identical(interop.to_reference(interop.from_reference(state_dict)), state_dict)
 
 
 def test_missing_reference_key_is_a_config_error():
   state_dict = _reference_state_dict(32, 4, 2)
   del state_dict['lambda_k2']
   with pytest.raises(ConfigError, match=r'^state_dict: missing lambda_k2; expected the keys of MultiheadDiffAttn'):
-    diffjax.interop.from_reference(state_dict)
+    interop.from_reference(state_dict)

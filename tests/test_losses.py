@@ -9,8 +9,10 @@ import optax
 import pytest
 
 from conftest import jit
-from diffjax import losses, optim, train_step
-from diffjax import model as model_lib
+from diffjax.model import losses
+from diffjax.model import transformer as model_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import random_params, sharded_state, single_device_mesh, tiny_model, train_config
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
@@ -134,7 +136,7 @@ def test_hidden_states_are_in_the_compute_dtype():
 @functools.cache
 def _token_losses_fn(cfg, chunk: int):
   def total(params, batch):
-    ce, z, tokens = train_step.token_losses(cfg, params, batch, Z_LOSS, chunk)
+    ce, z, tokens = losses.token_losses(cfg, params, batch, Z_LOSS, chunk)
     return ce + z, (ce, z, tokens)
   return jit(jax.value_and_grad(total, has_aux=True))
 

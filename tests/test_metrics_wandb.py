@@ -5,7 +5,7 @@ import glob
 
 import pytest
 
-from diffjax import metrics
+from diffjax.train import metrics
 
 wandb = pytest.importorskip('wandb')
 
@@ -46,7 +46,7 @@ def test_without_a_project_nothing_goes_to_wandb(tmp_path):
 
 
 def test_a_training_run_logs_to_its_project(tmp_path):
-  from diffjax import trainer
+  from diffjax.train import loop as trainer
   from helpers_training import load_config, run_overrides, write_corpus
   corpus = write_corpus(tmp_path / 'corpus', num_docs=4, chars_per_doc=20_000)
   config = load_config(run_overrides(corpus, tmp_path / 'data', train__steps=8, log__wandb_project='diffjax-test',

@@ -15,10 +15,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import assert_close, jit, lambda_of, param_shapes, random_params, set_lambda, tiny_config, to_float64
-from diffjax import attention, checkpoint, defaults, model, sharding
-from diffjax.attention import DiffAttentionV1, DiffAttentionV2, MultiHeadAttention
-from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
+from diffjax.model import attention, sharding
+from diffjax.model import transformer as model
+from diffjax.model.attention import DiffAttentionV1, DiffAttentionV2, MultiHeadAttention
+from diffjax.model.config import ModelConfig
+from diffjax.run import checkpoint, defaults
 import reference
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')

@@ -15,7 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax import optim, sharding, train_step
+from diffjax.model import sharding
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import random_params, sharded_state, tiny_model, train_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out

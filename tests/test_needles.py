@@ -12,8 +12,11 @@ import pytest
 
 import helpers_training as ht
 import reliability_helpers as rh
-from diffjax import generate, needles, tokenizers, trainer
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.infer import generate
+from diffjax.infer import needles
+from diffjax.train import loop as trainer
 
 NOTEBOOK = ht.REPO / 'notebooks' / 'quickstart.ipynb'
 TOKENIZER = tokenizers.ByteTokenizer()

@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax import model as model_lib
-from diffjax import optim, train_step
-from diffjax.attention import LAMBDA_VECTORS
+from diffjax.model import transformer as model_lib
+from diffjax.model.attention import LAMBDA_VECTORS
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import random_params, sharded_state, single_device_mesh, tiny_model, train_config
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, random_input, random_params, relative_error, tiny_config
-from diffjax import attention, pallas_attention
-from diffjax.attention import DiffAttentionV1, MultiHeadAttention
 from diffjax.errors import ConfigError
+from diffjax.model import attention
+from diffjax.model import kernels as pallas_attention
+from diffjax.model.attention import DiffAttentionV1, MultiHeadAttention
 
 pytestmark = pytest.mark.usefixtures('full_precision_matmuls')
 
@@ -166,7 +167,7 @@ def test_model_trains_with_the_kernel_on_gpu(head_dim):
   """State creation (8 tokens, the XLA path), then train steps at 512 tokens with the kernel: the losses match
   the same steps on the XLA path to bf16 tolerance."""
   from helpers_training import single_device_mesh, tiny_model, train_config
-  from diffjax import optim, train_step
+  from diffjax.train import optim, step as train_step
   mesh, train_cfg = single_device_mesh(), train_config(steps=10, warmup_steps=1, grad_clip=1.0)
   tx = optim.make_optimizer(train_cfg)
   rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import reliability_helpers as rh
-from diffjax import trainer
+from diffjax.train import loop as trainer
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
 

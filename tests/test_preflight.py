@@ -9,8 +9,10 @@ import subprocess
 import pytest
 
 import reliability_helpers as rh
-from diffjax import data, defaults, preflight
+from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
+from diffjax.run import defaults
+from diffjax.train import preflight
 
 GIB = 2**30
 ONE_DEVICE = {'data': 1, 'fsdp': 1, 'tensor': 1}
@@ -123,7 +125,7 @@ def test_refusal_names_the_key_and_a_value_that_fits(case):
   message = str(error.value)
   assert '\n' not in message and message.startswith(f'{key}: this run needs about '), message
   assert f'set {key}={value} (about ' in message and message.endswith(
-      'or set train.check_memory=False to start anyway (diffjax/preflight.py explains the estimate)'), message
+      'or set train.check_memory=False to start anyway (diffjax/train/preflight.py explains the estimate)'), message
   config.update_from_flattened_dict({key: value})
   check(config, 'cudnn', budget)  # the suggestion fits
 

@@ -13,8 +13,9 @@ import time
 import pytest
 
 import reliability_helpers as rh
-from diffjax import metrics, workdir as workdir_lib
 from diffjax.errors import ConfigError
+from diffjax.train import metrics
+from diffjax.train import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
 
@@ -100,8 +101,8 @@ def test_second_writer_is_refused_and_readers_touch_nothing(tmp_path, corpus):
 
 
 def lock_in_subprocess(workdir, hold_s: float) -> subprocess.Popen:
-  code = (f'import time; from diffjax import workdir; workdir.claim({str(workdir)!r}); print("held", flush=True); '
-          f'time.sleep({hold_s})')
+  code = (f'import time; from diffjax.train import workdir; workdir.claim({str(workdir)!r}); '
+          f'print("held", flush=True); time.sleep({hold_s})')
   process = subprocess.Popen([sys.executable, '-c', code], env=rh.env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   assert process.stdout.readline() == 'held\n', process.communicate()
@@ -142,7 +143,7 @@ def test_without_fcntl_locks_the_pid_decides(tmp_path, monkeypatch):
 
 
 def test_racing_writers_get_one_lock(tmp_path):
-  code = ('import sys, time; from diffjax import workdir\n'
+  code = ('import sys, time; from diffjax.train import workdir\n'
           'try:\n  workdir.claim(sys.argv[1]); print("held", flush=True); time.sleep(3)\n'
           'except ValueError as e:\n  print("refused", flush=True)')
   processes = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], env=rh.env(), stdout=subprocess.PIPE,

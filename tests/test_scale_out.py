@@ -147,9 +147,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(multiprocess):
 def reference(args: dict) -> dict:
   """One process, two fake devices: the two processes' global batches (shard 0's rows, then shard 1's)."""
   import jax
-  from diffjax import corpus as corpus_lib
-  from diffjax import data as data_lib
-  from diffjax import train_step, trainer
+  from diffjax.data import corpus as corpus_lib
+  from diffjax.data import pipeline as data_lib
+  from diffjax.train import loop as trainer
+  from diffjax.train import step as train_step
 
   assert jax.device_count() == 2, jax.devices()
   config = load_config(args['overrides'])
@@ -179,8 +180,10 @@ RESTORE_MESHES = {'one_device': (1, 1, 1), 'fsdp4_tensor2': (1, 4, 2), 'data4_fs
 
 def restore_meshes(args: dict) -> dict:
   import jax
-  from diffjax import checkpoint as checkpoint_lib
-  from diffjax import optim, sharding, train_step
+  from diffjax.model import sharding
+  from diffjax.run import checkpoint as checkpoint_lib
+  from diffjax.train import optim
+  from diffjax.train import step as train_step
   from helpers_training import random_params, sharded_state, tiny_model, train_config
 
   assert jax.device_count() == 8, jax.devices()
@@ -266,8 +269,8 @@ def test_a_url_workdir_or_data_dir_is_refused_up_front(tmp_path, flag, message):
 
 
 def test_local_paths_pass_and_every_scheme_is_refused():
-  from diffjax import workdir as workdir_lib
   from diffjax.errors import ConfigError
+  from diffjax.train import workdir as workdir_lib
   for path in ('/tmp/run', 'runs/a', 'C:relative', None, ''):
     workdir_lib.check_local(path, '--workdir')
   for path in ('gs://b/run', 's3://b/run', 'hdfs://nn/run', 'file:///tmp/run', 'az://c/run'):
@@ -277,7 +280,7 @@ def test_local_paths_pass_and_every_scheme_is_refused():
 
 def test_the_tfds_error_names_the_way_without_tensorflow(monkeypatch):
   import tensorflow_datasets as tfds
-  from diffjax import corpus as corpus_lib
+  from diffjax.data import corpus as corpus_lib
   from diffjax.errors import ConfigError
 
   class Builder:

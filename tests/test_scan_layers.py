@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import inference, optim, train_step
-from diffjax import model as model_lib
+from diffjax.infer import load
+from diffjax.model import transformer as model_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import (cli_command, cli_env, random_params, read_metrics, run_overrides, sharded_state,
                               single_device_mesh, tiny_model, train_config, write_corpus)
 
@@ -79,7 +81,7 @@ def test_a_scanned_run_trains_and_opens_unscanned(tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert any(len(record.get('lambda', [])) == 2 for record in read_metrics(workdir))  # one λ per layer, scanned
-  cfg, params, _, step = inference.open_run(str(workdir))
+  cfg, params, _, step = load.open_run(str(workdir))
   assert step == 4 and not cfg.scan_layers and 'block_1' in params and 'layers' not in params
   tokens = np.arange(8, dtype=np.int32)[None] % cfg.vocab_size
   assert np.isfinite(model_lib.Transformer(cfg).apply({'params': params}, tokens)).all()

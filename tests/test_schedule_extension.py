@@ -4,8 +4,9 @@ schedule and holds the final learning rate (train.decay_steps), so the learning 
 import numpy as np
 import pytest
 
-from diffjax import optim, trainer
 from diffjax.errors import ConfigError
+from diffjax.train import loop as trainer
+from diffjax.train import optim
 from helpers_training import load_config, read_metrics, run_overrides, train_config, write_corpus
 
 STEPS, LONGER = 10, 14

@@ -17,13 +17,13 @@ STOPPED = 'stopped on request ({}); there was nothing to save'
 # Data preparation made slow enough to be caught in the act: each split's shards take a minute once written.
 SLOW_PREPARATION = """
 import runpy, sys, time
-from diffjax import data
-write_split = data._write_split
+from diffjax.data import prepare
+write_split = prepare._write_split
 def slow_write_split(*args, **kwargs):
   result = write_split(*args, **kwargs)
   time.sleep(60)
   return result
-data._write_split = slow_write_split
+prepare._write_split = slow_write_split
 sys.argv = sys.argv[:1] + sys.argv[3:]  # drop `-m diffjax.train`
 runpy.run_module('diffjax.train', run_name='__main__')
 """

@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax import model as model_lib
-from diffjax import optim
-from diffjax import train_step
+from diffjax.model import losses
+from diffjax.model import transformer as model_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import random_params, sharded_state, single_device_mesh, tiny_model, train_config
 
 CFG = tiny_model()
@@ -185,7 +186,7 @@ def test_gradient_is_that_of_the_masked_mean(one_big_batch):
 def test_z_loss_adds_z_times_mean_squared_logsumexp(one_big_batch):
   z_loss, params, batch = 0.5, random_params(CFG), make_batch(1)
   # The z term itself: z * sum over real tokens of logsumexp^2, against float64 NumPy.
-  ce_sum, z_sum, tokens = jax.jit(functools.partial(train_step.token_losses, CFG, z_loss=z_loss))(params, batch)
+  ce_sum, z_sum, tokens = jax.jit(functools.partial(losses.token_losses, CFG, z_loss=z_loss))(params, batch)
   np.testing.assert_allclose(float(z_sum / tokens),
                              numpy_masked_loss(params, batch, z_loss) - numpy_masked_loss(params, batch), rtol=1e-6)
   # In the step: the gradient includes z * mean(logsumexp^2), the logged loss stays the cross-entropy alone.

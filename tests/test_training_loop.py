@@ -20,10 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import defaults, optim, sharding, train_step
-from diffjax.tokenizers import ByteTokenizer
+from diffjax.data import pipeline as data_lib
+from diffjax.data.tokenizers import ByteTokenizer
+from diffjax.model import losses as losses_lib
+from diffjax.model import sharding
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
 from helpers_training import cli_command, cli_env, load_config, read_metrics, run_overrides, train_losses, write_corpus
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the quick subset (pytest -m "not slow") leaves them out
@@ -125,7 +129,7 @@ def test_checkpoints_are_written_and_restore(full, restored):
   assert restored['step'] == STEPS and int(restored['state']['step']) == STEPS
   assert int(restored['state']['nonfinite_steps']) == 0
   # The restored weights give back the evaluation loss the run logged with them, to float32 rounding.
-  evaluate = jax.jit(lambda params, batch: train_step.eval_step(restored['cfg'], params, batch))
+  evaluate = jax.jit(lambda params, batch: losses_lib.eval_step(restored['cfg'], params, batch))
   loss_sum = tokens = 0.0
   for batch in restored['pipeline'].eval_batches(restored['config'].log.eval_batches):
     out = evaluate(restored['state']['params'], batch)
@@ -191,7 +195,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(space, full, re
   assert sorted(losses) == list(range(1, 7))  # a new run: its own steps, from 1
   # Step 1 runs the full run's final weights on this run's first batch (the same seed, so the same batch).
   batch = next(restored['pipeline'].train_iterator())
-  ce_sum, _, tokens = jax.jit(lambda p, b: train_step.token_losses(restored['cfg'], p, b, 0.0))(
+  ce_sum, _, tokens = jax.jit(lambda p, b: losses_lib.token_losses(restored['cfg'], p, b, 0.0))(
       restored['state']['params'], batch)
   assert losses[1] == pytest.approx(float(ce_sum / tokens), rel=1e-5)
   assert losses[1] < train_losses(full['records'])[1] - 2.0

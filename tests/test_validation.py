@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 
 import reliability_helpers as rh
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import defaults, optim, pallas_attention, sharding, train_step, validate
 from diffjax.errors import ConfigError
+from diffjax.model import kernels as pallas_attention
+from diffjax.model import sharding
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import optim
+from diffjax.train import step as train_step
+from diffjax.train import validate
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -170,7 +175,7 @@ def cli_results(tmp_path_factory, other_shape_checkpoint):
   for name in ('a', 'b'):
     (folder / 'small' / f'{name}.txt').write_text('too short\n')
   (folder / 'file').write_text('')
-  (folder / 'misspelt.py').write_text('from diffjax.defaults import base_config\n\n\ndef get_config():\n'
+  (folder / 'misspelt.py').write_text('from diffjax.run.defaults import base_config\n\n\ndef get_config():\n'
                                       '  c = base_config()\n  c.train.stepz = 10\n  return c\n')
   paths = {'empty': folder / 'empty', 'small': folder / 'small', 'width32': other_shape_checkpoint,
            'file': folder / 'file', 'misspelt': folder / 'misspelt.py'}

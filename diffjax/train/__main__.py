@@ -33,10 +33,12 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffjax import cli, metrics, trainer, validate  # noqa: E402
-from diffjax import data as data_lib  # noqa: E402
-from diffjax import workdir as workdir_lib  # noqa: E402
+from diffjax import cli  # noqa: E402
+from diffjax.data import prepare  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
+from diffjax.infer import generate  # noqa: E402
+from diffjax.train import loop, metrics, validate  # noqa: E402
+from diffjax.train import workdir as workdir_lib  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
@@ -84,9 +86,9 @@ def join_processes():
 
 
 def remove_partial_data(data_cfg):
-  """An exit on a signal skips the clean-up of data preparation, which writes FOLDER.partial-PID (diffjax.data)
+  """An exit on a signal skips the clean-up of data preparation, which writes FOLDER.partial-PID (diffjax.data.prepare)
   and renames it when complete: no run ever reads that folder, but it would take its space for good."""
-  for folder in glob.glob(os.path.join(data_lib.data_root(data_cfg), '*', f'*.partial-{os.getpid()}')):
+  for folder in glob.glob(os.path.join(prepare.data_root(data_cfg), '*', f'*.partial-{os.getpid()}')):
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -97,7 +99,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
   # First of all: a signal at any moment from here on ends the run within seconds, or saves it once it trains.
-  watcher = trainer.PreemptionWatcher(signals=() if MULTIHOST.value else (signal.SIGTERM, signal.SIGINT),
+  watcher = loop.PreemptionWatcher(signals=() if MULTIHOST.value else (signal.SIGTERM, signal.SIGINT),
                                       saving=False)
   try:
     train(watcher)
@@ -105,7 +107,7 @@ def main(argv):
     watcher.close()
 
 
-def train(watcher: trainer.PreemptionWatcher):
+def train(watcher: loop.PreemptionWatcher):
   if CONFIG.value is None or not WORKDIR.value:  # an empty --workdir would mean the current directory
     raise ConfigError('--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/run')
   workdir_lib.check_local(WORKDIR.value, '--workdir')
@@ -120,15 +122,25 @@ def train(watcher: trainer.PreemptionWatcher):
     raise ConfigError('--coordinator_address, --num_processes and --process_id need --multihost')
   validate.check_config(config, workdir)
   watcher.cleanups.append(lambda: remove_partial_data(config.data))
-  run = trainer.Run(config, workdir, launched=LAUNCHED)
+  run = loop.Run(config, workdir, launched=LAUNCHED)
   summary = run.train(watcher)
   if summary['preempted']:  # the grace period after SIGTERM is short: no sample, no plots
     return
-  text = run.sample(config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
+  text = sample(run, config.log.sample_prompt, config.log.sample_tokens, config.log.sample_temperature)
   curves = metrics.plot_curves(workdir)
-  trainer.say(f'\nsample after step {summary["step"]}:\n{text}\n')
-  trainer.say(f'checkpoints: {run.checkpoints.directory}\nmetrics: {os.path.join(workdir, "metrics.jsonl")}'
-              + (f'\ncurves: {curves}' if curves else ''))
+  loop.say(f'\nsample after step {summary["step"]}:\n{text}\n')
+  loop.say(f'checkpoints: {run.checkpoints.directory}\nmetrics: {os.path.join(workdir, "metrics.jsonl")}'
+           + (f'\ncurves: {curves}' if curves else ''))
+
+
+def sample(run: loop.Run, prompt: str, num_tokens: int, temperature: float) -> str:
+  """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
+  tokenizer = run.pipeline.tokenizer
+  # The sample closes a finished run, so it fits itself into max_len rather than failing after the training.
+  ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-(run.cfg.max_len - 1):]
+  result = generate.generate(run.cfg, run.state['params'], [ids], min(num_tokens, run.cfg.max_len - len(ids)),
+                             temperature=temperature, seed=run.config.seed, eos_id=tokenizer.eos_id)
+  return prompt + tokenizer.decode(result.tokens[0])
 
 
 def run():

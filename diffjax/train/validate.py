@@ -8,11 +8,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from diffjax import attention, defaults, preflight, sharding
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import model as model_lib
+from diffjax.data import pipeline as data_lib
 from diffjax.errors import ConfigError
+from diffjax.model import attention, sharding
+from diffjax.model import transformer as model_lib
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import preflight
 
 CHOICES = {'train.decay': ('cosine', 'linear', 'constant'), 'train.on_nonfinite': ('stop', 'skip'),
            'train.opt_moments_dtype': ('float32', 'bfloat16')}

@@ -5,21 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.attention import ATTENTION_BY_VARIANT, RMSNorm, dense, output_stddev, reparameterised_lambda
-from diffjax.config import REMAT_POLICIES, ModelConfig
+from diffjax.model.attention import ATTENTION_BY_VARIANT, reparameterised_lambda
+from diffjax.model.config import REMAT_POLICIES, ModelConfig
+from diffjax.model.layers import RMSNorm, SwiGLU, dense
 
 ACTIVATION_AXES = ('batch', 'length', 'act_embed')
-
-
-class SwiGLU(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxE):
-    cfg = self.cfg
-    gate_BxTxF = dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'gate_proj')(x_BxTxE)
-    up_BxTxF = dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'up_proj')(x_BxTxE)
-    return dense(cfg, cfg.d_model, ('mlp', 'embed'), 'down_proj', output_stddev(cfg))(nn.silu(gate_BxTxF) * up_BxTxF)
 
 
 class Block(nn.Module):
@@ -69,7 +59,7 @@ class Transformer(nn.Module):
 
   With `return_hidden`, the final-normed hidden states (B, T, E) in the compute dtype take the logits' place: the
   output projection (`output_kernel`) is left to the caller, so a loss can apply it a chunk of tokens at a time
-  (`diffjax.losses`). The parameters are those of the default call, which is what `init` must run.
+  (`diffjax.model.losses`). The parameters are those of the default call, which is what `init` must run.
   """
   cfg: ModelConfig
 

@@ -49,9 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from diffjax import optim, sharding, train_step
-from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
+from diffjax.model import sharding
+from diffjax.model.config import ModelConfig
+from diffjax.train import optim
+from diffjax.train import step as train_step
 
 GIB = 2**30
 BATCH_BYTES_PER_TOKEN = 16  # int32 inputs, targets and segment ids, float32 mask
@@ -171,7 +173,7 @@ def check(config, cfg: ModelConfig, impl: str, mesh_shape: dict[str, int], budge
     fix = ('use a smaller model (model.d_model, model.n_layers, model.d_ff), a shorter train.seq_len, or more '
            'devices to shard it over (mesh.fsdp)')
   raise ConfigError(f'{key}: this run needs about {budget.describe(need)}; {fix}, or set train.check_memory=False '
-                    'to start anyway (diffjax/preflight.py explains the estimate)')
+                    'to start anyway (diffjax/train/preflight.py explains the estimate)')
 
 
 def _changes(cfg: ModelConfig, train: dict, mesh_shape: dict[str, int], fits):

@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffjax import defaults
 from diffjax.errors import ConfigError, SaveError
+from diffjax.run import defaults
 
 ITEMS = ('state', 'data', 'config', 'checksums')
 # Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where

@@ -1,4 +1,5 @@
-"""The training loss from the final hidden states, a chunk of tokens at a time, without the full logits.
+"""A model's loss on a batch (`token_losses`): from its logits, or from the final hidden states a chunk of tokens at a
+time, without the full logits (`chunked_token_losses`).
 
 The plain loss asks the model for float32 logits (B, T, V): at a 32k vocabulary and 16x2048 tokens they alone
 take about 4 GiB, and their gradient as much again. Here the tokens are flattened and run through a loop, `chunk` at a
@@ -10,13 +11,17 @@ matmul per chunk in the backward pass.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
 
 
 def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss: float, chunk: int):
   """Sums over real tokens: (cross-entropy, z-loss term z * logsumexp^2, token count), as the plain loss gives.
 
   `hidden_BxTxE` is the model's final-normed output in its compute dtype, `kernel_ExV` the float32 output
-  projection (`model.output_kernel`). Each chunk's logits are computed in the hidden states' dtype, as the model's
+  projection (`transformer.output_kernel`). Each chunk's logits are computed in the hidden states' dtype, as the model's
   head computes them; logsumexp and the sums are float32. Padding (mask 0) contributes nothing, and so do the mask-0
   rows that fill the last chunk when B*T is not a multiple of `chunk`.
   """
@@ -47,3 +52,37 @@ def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss
 
   ce_N, z_N = jax.lax.map(lambda xs: chunk_sums(kernel_ExV, *xs), (hidden_NxCxE, targets_NxC, chunk_mask_NxC))
   return jnp.sum(ce_N), jnp.sum(z_N), jnp.sum(mask_BxT)
+
+
+def document_segments(cfg: ModelConfig, batch):
+  """The batch's segment ids when the model keeps attention inside documents, else None."""
+  if not cfg.document_mask:
+    return None
+  if 'segment_ids' not in batch:
+    raise ValueError('model.document_mask needs batches with segment_ids (the input pipeline and text scoring give '
+                     'them)')
+  return batch['segment_ids']
+
+
+def token_losses(cfg: ModelConfig, params, batch, z_loss: float, chunk_tokens: int = 0):
+  """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing.
+
+  With `chunk_tokens` > 0 the same sums come from the final hidden states, that many tokens at a time
+  (`chunked_token_losses`), so the float32 logits of the whole batch never exist at once.
+  """
+  model = model_lib.Transformer(cfg)
+  segments_BxT = document_segments(cfg, batch)
+  if chunk_tokens:
+    hidden_BxTxE = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT, return_hidden=True)
+    return chunked_token_losses(hidden_BxTxE, model_lib.output_kernel(cfg, params), batch['targets'],
+                                batch['mask'], z_loss, chunk_tokens)
+  logits_BxTxV = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT)
+  mask_BxT = batch['mask'].astype(jnp.float32)
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
+  z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
+  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(z_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def eval_step(cfg: ModelConfig, params, batch, loss_chunk_tokens: int = 0):
+  ce, _, tokens = token_losses(cfg, params, batch, 0.0, loss_chunk_tokens)
+  return {'loss_sum': ce, 'tokens': tokens}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffjax.attention import LAMBDA_VECTORS
+from diffjax.model.attention import LAMBDA_VECTORS
 
 
 def decay_end(train_cfg) -> int:

@@ -11,7 +11,7 @@ tokens tied with the k-th are kept) and then to the smallest set whose probabili
 one token is drawn. Each step's key is the seed's key folded with the step number, so a seed gives the same text.
 A row that emits EOS stops; its later slots are padding.
 
-Parameters are unboxed (`flax.linen.meta.unbox`), as `inference.open_run` returns them.
+Parameters are unboxed (`flax.linen.meta.unbox`), as `load.open_run` returns them.
 """
 
 import dataclasses
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import model as model_lib
-from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
 
 # Fills a row's slots after its EOS in the decode loop's output (never a token id).
 _NO_TOKEN = -1

@@ -15,9 +15,9 @@ import secrets
 import jax
 import numpy as np
 
-from diffjax import model as model_lib
-from diffjax.config import ModelConfig
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets.
 PEAK_FLOPS = {

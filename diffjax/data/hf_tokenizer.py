@@ -23,7 +23,7 @@ import os
 
 import sentencepiece as spm
 
-from diffjax import tokenizers
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
@@ -74,7 +74,7 @@ def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str, max_len: int) -> 
   """Writes TOKENIZER_FILES for `tokenizer` into the directory `path`; returns the special-token ids for the
   model's config (bos_token_id, eos_token_id, pad_token_id)."""
   try:
-    import tokenizers as library  # pylint: disable=import-outside-toplevel  (Hugging Face's, not diffjax.tokenizers)
+    import tokenizers as library  # pylint: disable=import-outside-toplevel  (Hugging Face's, not ours)
   except ImportError:
     raise ConfigError(f'{path}: writing the tokenizer needs the tokenizers package (pip install -e ".[hf]")') from None
   if isinstance(tokenizer, tokenizers.ByteTokenizer):

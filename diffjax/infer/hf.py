@@ -28,11 +28,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from diffjax import hf_tokenizer, tokenizers
-from diffjax import model as model_lib
-from diffjax.attention import LAMBDA_VECTORS
-from diffjax.config import DTYPES, PAPER_LAMBDA_INIT, ModelConfig
+from diffjax.data import hf_tokenizer, tokenizers
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.model.attention import LAMBDA_VECTORS
+from diffjax.model.config import DTYPES, PAPER_LAMBDA_INIT, ModelConfig
 
 _ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
 _VARIANT_OF_MODEL_TYPE = {model_type: variant for variant, (model_type, _) in _ARCHITECTURES.items()}
@@ -286,7 +286,7 @@ def save_hf(cfg: ModelConfig, params: Mapping, path, tokenizer: tokenizers.Token
   (float32) and model.safetensors (through the safetensors package; without it, pytorch_model.bin through torch).
 
   With the `tokenizer` the model was trained with, also its files for `transformers.AutoTokenizer`
-  (`diffjax.hf_tokenizer`), its special-token ids in config.json and a generation_config.json that stops at the
+  (`diffjax.data.hf_tokenizer`), its special-token ids in config.json and a generation_config.json that stops at the
   end-of-document token, so `generate` ends where diffjax's does. A tied model's file leaves out lm_head.weight,
   as transformers' own checkpoints do. Returns `path`.
   """
@@ -327,6 +327,6 @@ def _write_json(file: str, values: dict):
 
 def save_run(workdir, path) -> str:
   """save_hf for a training run: the parameters of its newest readable checkpoint, with its tokenizer."""
-  from diffjax import inference  # pylint: disable=import-outside-toplevel  (Orbax, only for this)
-  cfg, params, tokenizer, _ = inference.open_run(os.fspath(workdir))
+  from diffjax.infer import load  # pylint: disable=import-outside-toplevel  (Orbax, only for this)
+  cfg, params, tokenizer, _ = load.open_run(os.fspath(workdir))
   return save_hf(cfg, params, path, tokenizer)

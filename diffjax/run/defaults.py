@@ -4,11 +4,11 @@ import dataclasses
 
 import ml_collections
 
-from diffjax.config import ModelConfig
+from diffjax.model.config import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from diffjax.data import default_data_config  # the data module owns its keys
+  from diffjax.data.pipeline import default_data_config  # the data pipeline owns its keys
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -36,10 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1
   c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
   c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss
-  c.train.loss_chunk_tokens = 0  # 0: the loss from full logits; N: from N tokens' logits at a time (diffjax.losses)
+  # 0: the loss from full logits; N: from N tokens' logits at a time (diffjax.model.losses)
+  c.train.loss_chunk_tokens = 0
   c.train.opt_moments_dtype = 'float32'  # float32 | bfloat16: how Adam's first moment is stored between steps
   c.train.on_nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
-  c.train.check_memory = True  # refuse a run whose estimated memory does not fit (diffjax.preflight)
+  c.train.check_memory = True  # refuse a run whose estimated memory does not fit (diffjax.train.preflight)
 
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the remaining devices
 

@@ -11,15 +11,15 @@ see the slots s <= p, and returns (output, updated cache). Projections, RoPE, λ
 
 import functools
 import logging
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax import pallas_attention
-from diffjax.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
 from diffjax.errors import ConfigError
+from diffjax.model import kernels
+from diffjax.model.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
+from diffjax.model.layers import RMSNorm, dense, output_stddev
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -74,13 +74,13 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
   if requested == 'pallas' and cfg.variant != 'diff_v1':
     raise ConfigError(f"model.attention_impl: 'pallas' has a kernel for diff_v1 only, not {cfg.variant}; use "
                       "'auto', 'xla' or 'cudnn'")
-  if requested == 'pallas' and not (on_gpu or pallas_attention.interpret_requested()):
-    raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {pallas_attention.INTERPRET_ENV}=1 "
+  if requested == 'pallas' and not (on_gpu or kernels.interpret_requested()):
+    raise ConfigError(f"model.attention_impl: 'pallas' needs an NVIDIA GPU (or {kernels.INTERPRET_ENV}=1 "
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
-  if requested == 'pallas' and not pallas_attention.head_dim_supported(head_dim):
+  if requested == 'pallas' and not kernels.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
   if cached or (requested == 'pallas' and seq_len is not None
-                 and not pallas_attention.runs_at(seq_len, head_dim)):
+                 and not kernels.runs_at(seq_len, head_dim)):
     return 'xla'
   if requested != 'auto':
     return requested
@@ -185,8 +185,7 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   scale = d ** -0.5
   if impl == 'pallas':
-    return pallas_attention.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
-                                                    segment_ids_BxT=segment_ids_BxT)
+    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     impl = f'cudnn_{cudnn_diff_v1_form(d)}'
   if impl == 'cudnn_wide':
@@ -227,32 +226,6 @@ def reparameterised_lambda(attn_params, layer, lambda_init_schedule=PAPER_LAMBDA
   p = {n: jnp.asarray(attn_params[n], jnp.float32) for n in LAMBDA_VECTORS}
   return (jnp.exp(jnp.sum(p['lambda_q1'] * p['lambda_k1'])) - jnp.exp(jnp.sum(p['lambda_q2'] * p['lambda_k2']))
           + lambda_init_for(layer, lambda_init_schedule))
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learnable scale (ones at init), or none; computes and returns float32."""
-  eps: float = 1e-5
-  learnable_scale: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    if not self.learnable_scale:
-      return x
-    return x * self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                          (x.shape[-1],), jnp.float32)
-
-
-def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float = 0.02):
-  """A bias-free projection with float32 parameters, computing in cfg's dtype."""
-  return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes))
-
-
-def output_stddev(cfg: ModelConfig) -> float:
-  # Scaled down with depth, the residual stream's variance stays O(1) at init however many blocks add to it.
-  return cfg.residual_init_gain * (0.02 / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else 0.02)
 
 
 def _project(cfg: ModelConfig, x_BxTxE, positions_BxT, n_q: int, v_width: int):

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffjax import data, losses
-from diffjax import model as model_lib
-from diffjax.config import ModelConfig
-from diffjax.sharding import LOGICAL_AXIS_RULES
+from diffjax.data import pipeline
+from diffjax.model import losses
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.model.sharding import LOGICAL_AXIS_RULES
 
 State = dict[str, Any]  # {'step', 'params', 'opt_state', 'nonfinite_steps', 'first_nonfinite_step'}
 
@@ -24,9 +25,9 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
-  """ShapeDtypeStructs of a batch (`diffjax.data.BATCH_DTYPES`), for compiling the steps ahead of time."""
+  """ShapeDtypeStructs of a batch (`diffjax.data.pipeline.BATCH_DTYPES`), for compiling the steps ahead of time."""
   return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
-          for key, dtype in data.BATCH_DTYPES.items()}
+          for key, dtype in pipeline.BATCH_DTYPES.items()}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
@@ -78,35 +79,6 @@ def abstract_state(cfg: ModelConfig, tx, mesh) -> State:
                       state_shardings(cfg, tx, mesh))
 
 
-def document_segments(cfg: ModelConfig, batch):
-  """The batch's segment ids when the model keeps attention inside documents, else None."""
-  if not cfg.document_mask:
-    return None
-  if 'segment_ids' not in batch:
-    raise ValueError('model.document_mask needs batches with segment_ids (diffjax.data and inference.text_batches '
-                     'give them)')
-  return batch['segment_ids']
-
-
-def token_losses(cfg: ModelConfig, params, batch, z_loss: float, chunk_tokens: int = 0):
-  """Sums over real tokens: (cross-entropy, z-loss term, token count); padding (mask 0) contributes nothing.
-
-  With `chunk_tokens` > 0 the same sums come from the final hidden states, that many tokens at a time
-  (`losses.chunked_token_losses`), so the float32 logits of the whole batch never exist at once.
-  """
-  model = model_lib.Transformer(cfg)
-  segments_BxT = document_segments(cfg, batch)
-  if chunk_tokens:
-    hidden_BxTxE = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT, return_hidden=True)
-    return losses.chunked_token_losses(hidden_BxTxE, model_lib.output_kernel(cfg, params), batch['targets'],
-                                       batch['mask'], z_loss, chunk_tokens)
-  logits_BxTxV = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT)
-  mask_BxT = batch['mask'].astype(jnp.float32)
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
-  z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
-  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(z_BxT * mask_BxT), jnp.sum(mask_BxT)
-
-
 def _split_microbatches(batch, microbatches: int):
   """(B, ...) -> (k, B/k, ...): microbatch i takes rows i, i+k, ..., so each stays spread over the batch shards."""
   def split(x):
@@ -118,7 +90,7 @@ def _split_microbatches(batch, microbatches: int):
 def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -> tuple[State, dict]:
   """One optimizer step over the global batch, accumulating gradients over `train_cfg.microbatches`."""
   def loss_sums(params, microbatch):
-    ce, z, tokens = token_losses(cfg, params, microbatch, train_cfg.z_loss, train_cfg.loss_chunk_tokens)
+    ce, z, tokens = losses.token_losses(cfg, params, microbatch, train_cfg.z_loss, train_cfg.loss_chunk_tokens)
     return ce + z, (ce, tokens)
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -162,11 +134,6 @@ def train_step(cfg: ModelConfig, tx, schedule, train_cfg, state: State, batch) -
   return new_state, metrics
 
 
-def eval_step(cfg: ModelConfig, params, batch, loss_chunk_tokens: int = 0):
-  ce, _, tokens = token_losses(cfg, params, batch, 0.0, loss_chunk_tokens)
-  return {'loss_sum': ce, 'tokens': tokens}
-
-
 def compile_steps(cfg: ModelConfig, tx, schedule, train_cfg, mesh):
   """jit-compiled train and eval steps with explicit shardings; the train state is donated."""
   shardings = state_shardings(cfg, tx, mesh)
@@ -174,7 +141,7 @@ def compile_steps(cfg: ModelConfig, tx, schedule, train_cfg, mesh):
   replicated = NamedSharding(mesh, P())
   train = jax.jit(functools.partial(train_step, cfg, tx, schedule, train_cfg),
                   in_shardings=(shardings, data), out_shardings=(shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens),
+  evaluate = jax.jit(functools.partial(losses.eval_step, cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens),
                      in_shardings=(shardings['params'], data), out_shardings=replicated)
   return _in_mesh(train, mesh), _in_mesh(evaluate, mesh)
 

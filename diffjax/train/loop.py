@@ -14,11 +14,16 @@ import ml_collections
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import data as data_lib
-from diffjax import attention, defaults, generate, metrics as metrics_lib, model as model_lib, optim, sharding, train_step
-from diffjax import workdir as workdir_lib
-from diffjax.errors import ConfigError
+from diffjax.data import pipeline as data_lib
+from diffjax.errors import ConfigError, NonFiniteError
+from diffjax.model import attention, sharding
+from diffjax.model import transformer as model_lib
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+from diffjax.train import metrics as metrics_lib
+from diffjax.train import optim
+from diffjax.train import step as train_step
+from diffjax.train import workdir as workdir_lib
 
 
 class StepProfiler:
@@ -52,10 +57,6 @@ class StepProfiler:
     if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""
 
 
 class PreemptionWatcher:
@@ -161,7 +162,7 @@ class Run:
   """One training run in one workdir; `train()` resumes from the workdir's newest readable checkpoint."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, launched: float | None = None):
-    """Makes this process the workdir's one writer (readers open runs with `inference.open_run` instead).
+    """Makes this process the workdir's one writer (readers open runs with `diffjax.infer.load.open_run` instead).
 
     `launched`: the `time.perf_counter()` of the process's launch, from which `startup_s` counts (default: now).
     """
@@ -390,12 +391,3 @@ class Run:
       record['peak_memory_gib'] = memory['peak_bytes_in_use'] / 2**30
     writer.write(step, record)
     return {'step': step, **record}
-
-  def sample(self, prompt: str, num_tokens: int, temperature: float) -> str:
-    """The prompt and its continuation by the trained model, up to `num_tokens` tokens or EOS."""
-    tokenizer = self.pipeline.tokenizer
-    # The sample closes a finished run, so it fits itself into max_len rather than failing after the training.
-    ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-(self.cfg.max_len - 1):]
-    result = generate.generate(self.cfg, self.state['params'], [ids], min(num_tokens, self.cfg.max_len - len(ids)),
-                               temperature=temperature, seed=self.config.seed, eos_id=tokenizer.eos_id)
-    return prompt + tokenizer.decode(result.tokens[0])

@@ -4,26 +4,33 @@
 parameters alone of its newest readable checkpoint: no corpus is opened or prepared, nothing is compiled, no
 optimizer state is read, and nothing in the workdir is written, moved or locked, since a run may be training there.
 Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), on one device, ready for
-`Transformer(cfg).apply({'params': params}, tokens_BxT)`. `score` measures such a model on batches of text.
-`output_folder` and `writing` make an output location the commands cannot write to a one-line error.
+`Transformer(cfg).apply({'params': params}, tokens_BxT)`.
 """
 
-import contextlib
 import dataclasses
+import json
 import logging
-import math
 import os
-import tempfile
 
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 
-from diffjax import checkpoint as checkpoint_lib
-from diffjax import cli, data as data_lib, defaults, model as model_lib, tokenizers, train_step
-from diffjax.config import ModelConfig
+from diffjax.data import pipeline as data_lib
+from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
+from diffjax.model import transformer as model_lib
+from diffjax.model.config import ModelConfig
+from diffjax.run import checkpoint as checkpoint_lib
+from diffjax.run import defaults
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'--workdir: {workdir} holds no diffjax run (no config.json); give the workdir of a training run')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -32,7 +39,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   config = defaults.base_config()
   known = defaults.flatten(config.to_dict())
   try:
-    saved = defaults.flatten(cli.load_run_config(workdir).to_dict())
+    saved = defaults.flatten(load_run_config(workdir).to_dict())
   except ConfigError:  # no config.json: not a run
     raise
   except (OSError, ValueError, AttributeError) as error:  # unreadable, not UTF-8, not JSON, JSON but no object
@@ -108,66 +115,3 @@ def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
   bad_step, error = unreadable[0]
   raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
                     'repair or remove them')
-
-
-# -- what the commands write ------------------------------------------------------------------------------------
-
-def output_folder(folder: str, flag: str) -> str:
-  """`folder`, made if missing and found writable, so a command refuses it before its work rather than after."""
-  with writing(folder, flag):
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-      pass
-  return folder
-
-
-@contextlib.contextmanager
-def writing(path: str, flag: str):
-  """Turns a failure to write `path` (a read-only folder, a full disk, a folder in the way) into one line."""
-  try:
-    yield
-  except OSError as error:
-    raise ConfigError(f'{flag}: cannot write {path} ({error.strerror or error}); give a folder you can write to '
-                      f'with {flag}=DIR') from None
-
-
-# -- scoring text -----------------------------------------------------------------------------------------------
-
-_score = jax.jit(train_step.eval_step, static_argnums=0)
-
-
-def score(cfg: ModelConfig, params, batches, tokenizer: tokenizers.Tokenizer) -> dict:
-  """Summed nats, scored tokens and their UTF-8 bytes over batches of {inputs, targets, mask}."""
-  nats = tokens = num_bytes = 0.0
-  for batch in batches:
-    out = _score(cfg, params, batch)
-    nats, tokens = nats + float(out['loss_sum']), tokens + float(out['tokens'])
-    num_bytes += scored_bytes(tokenizer, batch['targets'], batch['mask'])
-  return {'nats': nats, 'tokens': int(tokens), 'bytes': int(num_bytes)}
-
-
-def scored_bytes(tokenizer: tokenizers.Tokenizer, targets_BxT: np.ndarray, mask_BxT: np.ndarray) -> int:
-  if isinstance(tokenizer, tokenizers.ByteTokenizer):  # exact even where a row cuts a multi-byte character
-    return int(np.sum((targets_BxT < 256) & (mask_BxT > 0)))
-  return sum(len(tokenizer.decode(row[keep > 0]).encode('utf-8')) for row, keep in zip(targets_BxT, mask_BxT))
-
-
-def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int, batch_size: int):
-  """Batches of rows of seq_len + 1 tokens overlapping by one, over EOS + each text + EOS; padding has mask 0."""
-  eos = np.array([tokenizer.eos_id], np.int64)
-  stream = np.concatenate([eos] + [part for ids in tokenizer.encode_batch(texts) for part in (ids, eos)])
-  rows = []
-  for start in range(0, len(stream) - 1, seq_len):
-    row = stream[start:start + seq_len + 1]
-    rows.append(np.concatenate([row, np.full(seq_len + 1 - len(row), tokenizer.pad_id)]))
-  rows += [np.full(seq_len + 1, tokenizer.pad_id)] * (-len(rows) % batch_size)
-  for start in range(0, len(rows), batch_size):
-    yield data_lib.batch_of_rows(np.stack(rows[start:start + batch_size]).astype(np.int32), tokenizer)
-
-
-def summary(totals: dict) -> dict:
-  """The reported numbers of `score`'s sums: per token in nats (and as perplexity), per UTF-8 byte in bits."""
-  nats_per_token = totals['nats'] / max(totals['tokens'], 1)
-  return {'tokens': totals['tokens'], 'bytes': totals['bytes'], 'nats_per_token': nats_per_token,
-          'perplexity': math.exp(min(nats_per_token, 700.0)),
-          'bits_per_byte': totals['nats'] / math.log(2) / max(totals['bytes'], 1)}
