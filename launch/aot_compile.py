@@ -23,7 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 from diffjax import cli  # noqa: E402
 from diffjax.data import pipeline as data  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
-from diffjax.model import sharding  # noqa: E402
+from diffjax.model import attention, sharding  # noqa: E402
 from diffjax.run import defaults  # noqa: E402
 from diffjax.train import optim  # noqa: E402
 from diffjax.train import step as train_step  # noqa: E402
@@ -52,6 +52,11 @@ def topology_devices(name: str):
                       '`pip install libtpu` (or into a folder on PYTHONPATH)') from None
 
 
+def describe_attention(cfg, seq_len: int) -> str:
+  with attention.compiling_for('tpu'):
+    return attention.describe_impl(cfg, seq_len)
+
+
 def compile_for(config, topology: str) -> dict:
   libtpu_name, devices = topology_devices(topology)
   vocab = data.tokenizer_vocab_size(config.data)
@@ -63,7 +68,8 @@ def compile_for(config, topology: str) -> dict:
   state = train_step.abstract_state(cfg, tx, mesh)
   batch = train_step.batch_spec(tc.global_batch_size, tc.seq_len, train_step.batch_sharding(mesh))
   try:
-    compiled = train.lower(state, batch).compile()
+    with attention.compiling_for('tpu'):  # the TPU's kernels, although this machine's backend is the CPU
+      compiled = train.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program that cannot fit
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -80,7 +86,8 @@ def compile_for(config, topology: str) -> dict:
   chip = libtpu_name.split(':')[0]
   result = {'topology': topology, 'libtpu_topology': libtpu_name, 'chips': len(devices),
             'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape), 'variant': cfg.variant,
-            'attention_impl': cfg.attention_impl, 'global_batch': tc.global_batch_size, 'seq_len': tc.seq_len,
+            'attention_impl': cfg.attention_impl, 'attention': describe_attention(cfg, tc.seq_len),
+            'global_batch': tc.global_batch_size, 'seq_len': tc.seq_len,
             'microbatches': tc.microbatches, **{f'{k}_gib_per_chip': v / 2**30 for k, v in parts.items()},
             'alias_gib_per_chip': int(memory.alias_size_in_bytes) / 2**30, 'total_gib_per_chip': total / 2**30}
   if chip in HBM_GIB:

@@ -322,6 +322,7 @@ def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu(tmp_path):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['chips'] == 4 and result['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert 'TPU' in result['device_kind'] and result['fits']
+  assert result['attention'] == 'splash'  # the TPU's kernel, chosen although this machine has none
   assert 0 < result['argument_gib_per_chip'] < result['total_gib_per_chip'] < 1
 
 

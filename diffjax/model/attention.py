@@ -9,6 +9,7 @@ stores this call's rotated keys and values at the slots of their absolute positi
 see the slots s <= p, and returns (output, updated cache). Projections, RoPE, λ and norms are the training path's.
 """
 
+import contextlib
 import functools
 import logging
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.errors import ConfigError
-from diffjax.model import kernels
+from diffjax.model import kernels, splash
 from diffjax.model.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
 from diffjax.model.layers import RMSNorm, dense, output_stddev
 
@@ -59,12 +60,15 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
   becomes the fastest that can run here, an explicit choice that cannot run is a ConfigError. The only place these
   rules live: the config check before a run starts and the layers themselves both ask here.
 
+  On a TPU `auto` is 'splash'; on an NVIDIA GPU it is 'cudnn' where cuDNN takes the dtype and head width. The
+  platform is this machine's, or the one a program is being compiled for (`compiling_for`).
+
   With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask. So
-  does 'pallas' at a `seq_len` its tiles do not divide: state creation traces the model on a few tokens, and such
-  short sequences cost nothing to run either way.
+  do 'pallas' and 'splash' at a `seq_len` their tiles do not divide: state creation traces the model on a few
+  tokens, and such short sequences cost nothing to run either way.
   """
   requested, head_dim = cfg.attention_impl, cfg.head_dim
-  on_gpu = jax.default_backend() == 'gpu'
+  on_gpu, on_tpu = target_platform() == 'gpu', target_platform() == 'tpu'
   half_precision = jnp.dtype(cfg.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   cudnn_ok = on_gpu and half_precision and head_dim % 8 == 0 and head_dim <= 128
   if requested == 'cudnn' and not cudnn_ok:
@@ -79,8 +83,13 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
   if requested == 'pallas' and not kernels.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
-  if cached or (requested == 'pallas' and seq_len is not None
-                 and not kernels.runs_at(seq_len, head_dim)):
+  if requested == 'splash' and not (on_tpu or kernels.interpret_requested()):
+    raise ConfigError(f"model.attention_impl: 'splash' needs a TPU (or {kernels.INTERPRET_ENV}=1 for the slow "
+                      "interpret mode elsewhere); use 'auto' or 'xla'")
+  if requested == 'auto' and on_tpu:
+    requested = 'splash'
+  if cached or (seq_len is not None and (requested == 'pallas' and not kernels.runs_at(seq_len, head_dim)
+                                         or requested == 'splash' and not splash.runs_at(seq_len))):
     return 'xla'
   if requested != 'auto':
     return requested
@@ -91,6 +100,29 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
     logging.warning('attention_impl=auto: cuDNN flash attention needs bf16/fp16 and head width <= 128 '
                     '(multiple of 8); falling back to the XLA path')
   return 'xla'
+
+
+_compile_target = []
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within it, kernels are chosen for `platform` ('tpu', 'gpu', 'cpu') rather than for this machine's backend:
+  a train step compiled here ahead of time for a TPU slice (launch/aot_compile.py) runs the TPU's kernels."""
+  _compile_target.append(platform)
+  try:
+    yield
+  finally:
+    _compile_target.pop()
+
+
+def target_platform() -> str:
+  return _compile_target[-1] if _compile_target else jax.default_backend()
+
+
+def _interpret() -> bool:
+  """Pallas kernels run in interpret mode off their own platform (only ever asked for with the interpret switch)."""
+  return target_platform() not in ('gpu', 'tpu')
 
 
 def describe_impl(cfg: ModelConfig, seq_len: int) -> str:
@@ -122,6 +154,8 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   mask (the cache path; `xla` only).
   """
   scale = q_BxTxNxD.shape[-1] ** -0.5
+  if impl == 'splash':
+    return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, interpret=_interpret())
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
     mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
@@ -188,10 +222,11 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     impl = f'cudnn_{cudnn_diff_v1_form(d)}'
-  if impl == 'cudnn_wide':
+  if impl in ('cudnn_wide', 'splash'):
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
-    a1v, a2v = (_wide_value_attention(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT)
-                for c in (0, 1))
+    wide = (functools.partial(splash.splash_attention, interpret=_interpret()) if impl == 'splash'
+            else _wide_value_attention)
+    a1v, a2v = (wide(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT) for c in (0, 1))
     return a1v - lam * a2v
   if impl == 'cudnn_split':
     # Value width == key width, as cuDNN asks without wide values: each map runs against both halves of V. Stacking

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from diffjax.errors import ConfigError
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
 ROPE_PAIRINGS = ('interleaved', 'half')
 # What a rematerialised block saves for its backward pass (None: nothing, as `jax.checkpoint` does by default).
 # Weight matmuls have no batch dimensions; attention's score and value products (batched over heads) do, so 'dots'

@@ -22,6 +22,11 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def mesh_axes(logical_axis: str):
+  """The mesh axis (or axes, or None) that a logical axis shards over."""
+  return dict(LOGICAL_AXIS_RULES).get(logical_axis)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Resolves the config's axis sizes (one of them may be -1, "the rest") against the device count."""
   sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
