@@ -263,7 +263,7 @@ def find_hf_files(hf_files_pattern: str) -> list[str]:
   folder = os.path.expanduser(hf_files_pattern)
   if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
     splits = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
-    example = os.path.join(hf_files_pattern, 'train' if 'train' in splits else splits[0] if splits else 'train')
+    example = os.path.join(hf_files_pattern, splits[0] if splits and 'train' not in splits else 'train')
     raise ConfigError(f'data.hf_files: {hf_files_pattern!r} is a DatasetDict folder (splits: {", ".join(splits)}); '
                       f'point it at the folder of one split, e.g. {example}')
   return _matching_files(hf_files_pattern, 'hf_files', hf_files.SUFFIXES, 'Parquet or Arrow files')
