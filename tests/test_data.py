@@ -798,7 +798,7 @@ def _config_error(match):
 
 
 def test_error_unknown_source(tmp_path):
-  with _config_error(r"^data\.source: unknown source 'hdfs'; use one of stdlib, local, tfds$"):
+  with _config_error(r"^data\.source: unknown source 'hdfs'; use one of stdlib, local, tfds, hf$"):
     data.validate_data_config(_config(tmp_path, source='hdfs'))
 
 

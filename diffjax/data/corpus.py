@@ -1,13 +1,16 @@
-"""Where training text comes from: local `.txt`/`.txt.gz` files, Python's standard library, or a TFDS dataset.
+"""Where training text comes from: local `.txt`/`.txt.gz` files, local Hugging Face `datasets` files (Parquet or
+Arrow, a document per row), Python's standard library, or a TFDS dataset.
 
 A corpus is two random-access sequences of document texts (train and validation) and a key that names it. The key
 changes when the corpus does (files added, edited or re-split), so prepared data is never reused for another corpus.
-Local files are split by document, by a hash of each file's name, so the split is stable as files come and go.
+Local files are split by document, by a hash of each file's name, so the split is stable as files come and go;
+the rows of Hugging Face files likewise, by a hash of '<file name>:<row>'.
 Bytes of a file that are not UTF-8 are read as U+FFFD and counted in the corpus's `DecodingTally`, which whoever
 reads the corpus checks against data.max_undecodable_fraction.
 """
 
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -16,11 +19,14 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
+from tqdm import tqdm
 
+from diffjax.data import hf_files
 from diffjax.errors import ConfigError
 
 TRAIN, VALIDATION = 'train', 'validation'
@@ -102,9 +108,34 @@ class _ExampleTexts(Sequence):
     return value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
 
 
+class _RowTexts(Sequence):
+  """The rows of Hugging Face files that one split holds, in file and row order.
+
+  Which rows those are is worked out on first use (a hash per row, seconds for millions), so a run that finds its
+  data prepared never pays for it.
+  """
+
+  def __init__(self, rows: hf_files.Rows, held_out: Callable[[], np.ndarray], validation: bool):
+    self._rows, self._held_out, self._validation = rows, held_out, validation
+    self._indices = None
+
+  def _rows_of_split(self) -> np.ndarray:
+    if self._indices is None:
+      self._indices = np.flatnonzero(self._held_out() == self._validation)
+    return self._indices
+
+  def __len__(self):
+    return len(self._rows_of_split())
+
+  def __getitem__(self, index):
+    return self._rows.text(int(self._rows_of_split()[index]))
+
+
 def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
   if data_cfg.source == 'tfds':
     return _tfds_corpus(data_cfg)
+  if data_cfg.source == 'hf':
+    return _hf_corpus(data_cfg)
   if data_cfg.source == 'local':
     files = [path for path in find_text_files(data_cfg.text_glob) if not _is_empty(path)]
     if not files:
@@ -131,6 +162,40 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
                     *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
   return Corpus(key=f'{prefix}_{digest}', identity=f'{prefix} ({len(files)} files, {digest})',
                 config_key=config_key, splits=splits, decoding=decoding)
+
+
+def _hf_corpus(data_cfg) -> Corpus:
+  files = find_hf_files(data_cfg.hf_files)
+  columns = [hf_files.TextColumn(path, data_cfg.hf_text_field) for path in files]  # schemas and row counts only
+  root = os.path.commonpath([os.path.dirname(path) for path in files])
+  names = [os.path.relpath(path, root) for path in files]
+  rows = hf_files.Rows(columns)
+  if rows.num_rows < 2:
+    raise ConfigError(f'data.hf_files: the files matching {data_cfg.hf_files!r} hold {rows.num_rows} row(s); rows go '
+                      'whole to train or validation, so point it at files with two or more')
+
+  @functools.cache
+  def held_out() -> np.ndarray:
+    scores = []
+    with tqdm(total=rows.num_rows, unit='row', desc='splitting rows', leave=False, dynamic_ncols=True,
+              disable=None) as bar:
+      for name, column in zip(names, columns):
+        scores.append(np.fromiter((_split_score(f'{name}:{row}') for row in range(column.num_rows)), float,
+                                  column.num_rows))
+        bar.update(column.num_rows)
+    return held_out_mask(np.concatenate(scores), data_cfg.validation_fraction)
+
+  splits = {TRAIN: _RowTexts(rows, held_out, False), VALIDATION: _RowTexts(rows, held_out, True)}
+  prefix = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root).lower()).strip('_') or 'hf'
+  # As for local text: names, sizes and a hash of each file's ends (a Parquet file's end is its footer, which
+  # describes every row group), so a copy keeps its prepared data and an edit does not.
+  digest = _digest([f'validation_fraction={data_cfg.validation_fraction!r}',
+                    f'hf_text_field={data_cfg.hf_text_field}',
+                    *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
+  # Arrow strings are UTF-8 by construction, so nothing feeds the tally.
+  identity = f'{prefix} ({len(files)} files, column {data_cfg.hf_text_field}, {digest})'
+  return Corpus(key=f'{prefix}_{digest}', identity=identity, config_key='hf_files', splits=splits,
+                decoding=DecodingTally('hf_files', data_cfg.max_undecodable_fraction))
 
 
 def _tfds_corpus(data_cfg) -> Corpus:
@@ -177,34 +242,59 @@ def _tfds_corpus(data_cfg) -> Corpus:
 
 def check_text_glob(text_glob: str) -> None:
   """Raises ConfigError if `text_glob`, or the folder a glob searches, does not exist; reads no files."""
-  pattern = os.path.expanduser(text_glob)
-  if _is_glob(pattern):
-    parts = pattern.split(os.sep)
-    fixed = parts[:next(i for i, part in enumerate(parts) if _is_glob(part))]
-    folder = os.sep.join(fixed) or os.curdir
-    if not os.path.isdir(folder):
-      raise ConfigError(f'data.text_glob: the folder {folder!r} of {text_glob!r} does not exist; point it at a '
-                        'folder, file or glob of .txt or .txt.gz files')
-  elif not os.path.exists(pattern):
-    raise ConfigError(f'data.text_glob: {text_glob!r} does not exist; point it at a folder, file or glob of '
-                      '.txt or .txt.gz files')
+  _check_pattern(text_glob, 'text_glob', _TEXT_SUFFIXES)
 
 
 def find_text_files(text_glob: str) -> list[str]:
   """Sorted `.txt` / `.txt.gz` files in a folder (recursively), a single file, or matching a glob."""
-  check_text_glob(text_glob)
-  pattern = os.path.expanduser(text_glob)
-  if _is_glob(pattern):
-    candidates = glob.glob(pattern, recursive=True)
-  elif os.path.isdir(pattern):
-    candidates = [os.path.join(folder, name) for folder, _, names in os.walk(pattern) for name in names]
+  return _matching_files(text_glob, 'text_glob', _TEXT_SUFFIXES, 'text files')
+
+
+def check_hf_files(hf_files_pattern: str) -> None:
+  """Raises ConfigError if `datasets` is not installed or `hf_files_pattern` names nothing; reads no files."""
+  hf_files.check_installed()
+  _check_pattern(hf_files_pattern, 'hf_files', hf_files.SUFFIXES)
+
+
+def find_hf_files(hf_files_pattern: str) -> list[str]:
+  """Sorted `.parquet` / `.arrow` files in a folder (recursively; a `save_to_disk` folder gives its shards in
+  order), a single file, or matching a glob."""
+  check_hf_files(hf_files_pattern)
+  folder = os.path.expanduser(hf_files_pattern)
+  if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
+    splits = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
+    example = os.path.join(hf_files_pattern, splits[0] if splits and 'train' not in splits else 'train')
+    raise ConfigError(f'data.hf_files: {hf_files_pattern!r} is a DatasetDict folder (splits: {", ".join(splits)}); '
+                      f'point it at the folder of one split, e.g. {example}')
+  return _matching_files(hf_files_pattern, 'hf_files', hf_files.SUFFIXES, 'Parquet or Arrow files')
+
+
+def _check_pattern(pattern: str, key: str, suffixes: tuple[str, ...]) -> None:
+  files = f'a folder, file or glob of {" or ".join(suffixes)} files'
+  path = os.path.expanduser(pattern)
+  if _is_glob(path):
+    parts = path.split(os.sep)
+    fixed = parts[:next(i for i, part in enumerate(parts) if _is_glob(part))]
+    folder = os.sep.join(fixed) or os.curdir
+    if not os.path.isdir(folder):
+      raise ConfigError(f'data.{key}: the folder {folder!r} of {pattern!r} does not exist; point it at {files}')
+  elif not os.path.exists(path):
+    raise ConfigError(f'data.{key}: {pattern!r} does not exist; point it at {files}')
+
+
+def _matching_files(pattern: str, key: str, suffixes: tuple[str, ...], noun: str) -> list[str]:
+  _check_pattern(pattern, key, suffixes)
+  path = os.path.expanduser(pattern)
+  if _is_glob(path):
+    candidates = glob.glob(path, recursive=True)
+  elif os.path.isdir(path):
+    candidates = [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
   else:
-    candidates = [pattern]
-  files = sorted(os.path.abspath(path) for path in candidates
-                 if path.endswith(_TEXT_SUFFIXES) and os.path.isfile(path))
+    candidates = [path]
+  files = sorted(os.path.abspath(path) for path in candidates if path.endswith(suffixes) and os.path.isfile(path))
   if not files:
-    raise ConfigError(f'data.text_glob: no .txt or .txt.gz files match {text_glob!r}; point it at a folder or '
-                      'glob of text files')
+    raise ConfigError(f'data.{key}: no {" or ".join(suffixes)} files match {pattern!r}; point it at a folder or '
+                      f'glob of {noun}')
   return files
 
 
@@ -236,15 +326,25 @@ def read_document(path: str, decoding: DecodingTally | None = None) -> str:
 
 def validation_documents(names: list[str], validation_fraction: float) -> set[str]:
   """The names that go to validation, chosen by a hash of the name; with two or more documents each split gets one."""
-  score = {name: int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2**64
-           for name in names}
-  chosen = {name for name in names if score[name] < validation_fraction}
-  if len(names) >= 2:
-    if not chosen:
-      chosen = {min(names, key=score.__getitem__)}
-    elif len(chosen) == len(names):
-      chosen.remove(max(names, key=score.__getitem__))
+  held_out = held_out_mask(np.array([_split_score(name) for name in names]), validation_fraction)
+  return {name for name, chosen in zip(names, held_out) if chosen}
+
+
+def held_out_mask(scores: np.ndarray, validation_fraction: float) -> np.ndarray:
+  """Which documents go to validation, given each one's `_split_score`: those below the fraction, moved so that with
+  two or more documents each split gets one."""
+  chosen = scores < validation_fraction
+  if len(scores) >= 2:
+    if not chosen.any():
+      chosen[np.argmin(scores)] = True
+    elif chosen.all():
+      chosen[np.argmax(scores)] = False
   return chosen
+
+
+def _split_score(name: str) -> float:
+  """A number in [0, 1) that depends on the name alone."""
+  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2**64
 
 
 def first_line(error: Any) -> str:

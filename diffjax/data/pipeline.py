@@ -29,7 +29,7 @@ from diffjax.data import corpus as corpus_lib
 from diffjax.data import prepare, tokenizers
 from diffjax.errors import ConfigError
 
-SOURCES = ('stdlib', 'local', 'tfds')
+SOURCES = ('stdlib', 'local', 'tfds', 'hf')
 TOKENIZERS = ('byte', 'sentencepiece')
 # Saved in the workdir so a resumed run (and sampling) tokenizes exactly as before.
 TOKENIZER_FILE = 'tokenizer.model'
@@ -43,13 +43,15 @@ _EVAL_SEED = 0
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` section of the training config."""
   cfg = ml_collections.ConfigDict()
-  cfg.source = 'stdlib'  # 'stdlib' (Python's own sources, no download) | 'local' | 'tfds'
+  cfg.source = 'stdlib'  # 'stdlib' (Python's own sources, no download) | 'local' | 'tfds' | 'hf'
   cfg.tfds_name = config_dict.placeholder(str)  # source 'tfds': 'lm1b', 'c4/en:3.1.0', 'wikipedia/20230601.en'
   cfg.text_key = 'text'  # source 'tfds': the feature that holds a document's text
   cfg.train_split = 'train'  # source 'tfds'; 'stdlib' and 'local' have 'train' and 'validation'
   cfg.eval_split = 'validation'  # source 'tfds'; lm1b has 'test' instead
   cfg.text_glob = config_dict.placeholder(str)  # source 'local': a folder, file or glob of .txt / .txt.gz
-  cfg.validation_fraction = 0.05  # 'stdlib' and 'local': the share of documents held out for validation
+  cfg.hf_files = config_dict.placeholder(str)  # source 'hf': a folder, file or glob of .parquet / .arrow files
+  cfg.hf_text_field = 'text'  # source 'hf': the column that holds a document's text, one document per row
+  cfg.validation_fraction = 0.05  # 'stdlib', 'local' and 'hf': the share of documents held out for validation
   # A file with more of its bytes not UTF-8 is refused: a stray damaged byte stays far below one in a thousand, and
   # text in another encoding (Latin-1 prose: 1-5% of its bytes) or binary data (tens of %) far above; 1: never.
   cfg.max_undecodable_fraction = 0.001
@@ -76,6 +78,12 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     need(data_cfg.text_glob, 'text_glob',
          "unset; with data.source='local' point it at a folder, file or glob of .txt or .txt.gz files")
     corpus_lib.check_text_glob(data_cfg.text_glob)
+  if data_cfg.source == 'hf':
+    need(data_cfg.hf_files, 'hf_files',
+         "unset; with data.source='hf' point it at a folder, file or glob of .parquet or .arrow files")
+    need(isinstance(data_cfg.hf_text_field, str) and data_cfg.hf_text_field, 'hf_text_field',
+         f'must be a non-empty string, got {data_cfg.hf_text_field!r}')
+    corpus_lib.check_hf_files(data_cfg.hf_files)  # datasets is installed and the files' folder exists
   if data_cfg.source == 'tfds':
     need(data_cfg.tfds_name, 'tfds_name', "unset; with data.source='tfds' name a TFDS dataset, e.g. 'lm1b'")
   for key in ('text_key', 'train_split', 'eval_split'):
