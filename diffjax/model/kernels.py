@@ -106,15 +106,19 @@ def _halves(ref, rows, d):
   return ref[rows, :d], ref[rows, d:]
 
 
+def _query_tile(q_ref, segq_ref, st: _Static):
+  """What a kernel over one query tile reads first: the tile's first row, its rows' positions, both D-wide query
+  halves and the rows' segment ids (None without)."""
+  start_q = pl.program_id(0) * st.block_q
+  q1_QxD, q2_QxD = _halves(q_ref, slice(None), st.head_dim)
+  return (start_q, start_q + jnp.arange(st.block_q), q1_QxD, q2_QxD,
+          None if segq_ref is None else segq_ref[...])
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, lam_ref, *refs, st: _Static):
   segq_ref, segk_ref, (o_ref, a2v_ref, lse1_ref, lse2_ref) = _split_refs(refs, st)
-  d, block_k = st.head_dim, st.block_k
-  block_q = q_ref.shape[0]
-  precision = _precision(q_ref.dtype)
-  start_q = pl.program_id(0) * block_q
-  rows_Q = start_q + jnp.arange(block_q)
-  q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
-  segments_Q = None if segq_ref is None else segq_ref[...]
+  d, block_q, block_k, precision = st.head_dim, st.block_q, st.block_k, _precision(q_ref.dtype)
+  start_q, rows_Q, q1_QxD, q2_QxD, segments_Q = _query_tile(q_ref, segq_ref, st)
 
   def online_softmax(q_QxD, k_KxD, v_Kx2D, visible_QxK, acc_Qx2D, max_Q, sum_Q):
     logits_QxK = jnp.where(visible_QxK, _dot(q_QxD, k_KxD, precision, trans_b=True) * st.scale, _MASKED)
@@ -163,15 +167,10 @@ def _score_grads(q1_QxD, q2_QxD, k1_KxD, k2_KxD, v_Kx2D, do_Qx2D, lse1_Q, lse2_Q
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse1_ref, lse2_ref, delta1_ref, delta2_ref, lam_ref, *refs,
                st: _Static):
   segq_ref, segk_ref, (dq_ref,) = _split_refs(refs, st)
-  d, block_k = st.head_dim, st.block_k
-  block_q = q_ref.shape[0]
-  precision = _precision(q_ref.dtype)
-  start_q = pl.program_id(0) * block_q
-  rows_Q = start_q + jnp.arange(block_q)
-  q1_QxD, q2_QxD = _halves(q_ref, slice(None), d)
+  d, block_q, block_k, precision = st.head_dim, st.block_q, st.block_k, _precision(q_ref.dtype)
+  start_q, rows_Q, q1_QxD, q2_QxD, segments_Q = _query_tile(q_ref, segq_ref, st)
   do_Qx2D, lam = do_ref[...], lam_ref[0]
   per_row = (lse1_ref[...], lse2_ref[...], delta1_ref[...], delta2_ref[...])
-  segments_Q = None if segq_ref is None else segq_ref[...]
 
   def body(j, carry):
     dq1_QxD, dq2_QxD = carry
