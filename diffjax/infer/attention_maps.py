@@ -5,7 +5,9 @@ A1, A2 and the differential map A1 − λ·A2 it applies; the baseline's softmax
 """
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,10 +43,16 @@ def maps_of(cfg: ModelConfig, layer_sown: dict, rows=slice(None)) -> dict:
   return {'a1': a1, 'a2': a2, 'lambda': lam, 'diff': a1 - lam * a2}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _one_layer(cfg: ModelConfig, params, tokens_BxT, layer: int) -> dict:
+  """One layer's maps; compiled, so only they leave the forward pass, not every layer's."""
+  return maps_of(cfg, sown(cfg, params, tokens_BxT)[1][layer])
+
+
 def layer_maps(cfg: ModelConfig, params, tokens_1xT, layer: int) -> dict[str, np.ndarray]:
   """Attention maps of one layer as float32 NumPy arrays: `a1`, `a2`, `diff` (H, T, T) for DIFF V1, `a` for the
   baseline (N, T, T)."""
-  maps = maps_of(cfg, sown(cfg, params, jnp.asarray(tokens_1xT))[1][layer])
+  maps = _one_layer(cfg, params, jnp.asarray(tokens_1xT), layer)
   return {key: np.float32(value) if key == 'lambda' else np.asarray(value[0]) for key, value in maps.items()}
 
 
