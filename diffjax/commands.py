@@ -18,6 +18,7 @@ COMMANDS = {
     'sample': 'diffjax.sample',
     'evaluate': 'diffjax.evaluate',
     'needles': 'diffjax.needles',
+    'outliers': 'diffjax.outliers',
     'attention-maps': 'diffjax.attention_maps',
     'export': 'diffjax.export',
     'compare': 'launch/compare.py',

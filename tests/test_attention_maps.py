@@ -1,5 +1,6 @@
-"""The plotted attention maps are the ones the model applies: rebuilding each layer's output from them matches.
-The command refuses an index out of range and an output folder it cannot write to, in one line."""
+"""The plotted attention maps are the ones the model applies: rebuilding each layer's output from them matches, and
+the logits the layers sow are the float64 reference's. Training sows nothing, and the kernels do not either. The
+command refuses an index out of range and an output folder it cannot write to, in one line."""
 
 import json
 import os
@@ -12,12 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flax.linen as nn
 import helpers_training as ht
+import reference
 import reliability_helpers as rh
 from conftest import assert_close, random_params, tiny_config
 from diffjax.data import tokenizers
 from diffjax.infer import attention_maps
 from diffjax.model import attention
+from diffjax.model import kernels
+from diffjax.model import losses
 from diffjax.model.transformer import Transformer
 from diffjax.run import checkpoint as checkpoint_lib
 from diffjax.run import defaults
@@ -71,6 +76,58 @@ def test_baseline_maps_rebuild_the_layer_output(full_precision_matmuls):
   heads, kv = maps['a'].shape[0], v_TxKxD.shape[1]
   mixed = np.stack([maps['a'][n] @ v_TxKxD[:, n // (heads // kv)] for n in range(heads)], axis=1)
   assert_close(mixed.reshape(1, T, -1) @ np.asarray(params['block_1']['attn']['out_proj']['kernel']), out, tol=1e-4)
+
+
+@pytest.mark.parametrize('variant', ['diff_v1', 'baseline', 'diff_v2'])
+def test_sown_logits_are_the_float64_reference_and_unseen_keys_are_nan(variant, full_precision_matmuls):
+  cfg, params, tokens = model_and_params(variant)
+  _, layers = attention_maps.sown(cfg, params, tokens)
+  x, _ = captured(cfg, params, tokens, 1)
+  p = params['block_1']['attn']
+  d = cfg.head_dim
+  project = lambda name: (np.float64(x) @ np.float64(p[name]['kernel'])).reshape(1, T, -1, d)
+  rotate = lambda z: reference.rope(z, np.arange(T)[None], cfg.rope_theta, cfg.rope_pairing)
+  q, k = rotate(project('q_proj')), rotate(project('k_proj'))
+  n, kv = q.shape[2], k.shape[2]
+  if variant == 'diff_v1':  # sub-head 2h + c meets key sub-head 2·(h // R) + c
+    key_of = [2 * ((i // 2) // ((n // 2) // (kv // 2))) + i % 2 for i in range(n)]
+  else:
+    key_of = [i // (n // kv) for i in range(n)]
+  expected = np.stack([q[0, :, i] @ k[0, :, key_of[i]].T for i in range(n)]) / np.sqrt(d)
+  logits = np.asarray(layers[1]['logits'][0])
+  future = ~np.tril(np.ones((T, T), bool))
+  assert logits.shape == (n, T, T) and np.all(np.isnan(logits[:, future])) and not np.any(np.isnan(logits[:, ~future]))
+  assert_close(np.where(future, 0.0, logits), np.where(future, 0.0, expected), tol=1e-5)
+  maps = ('a1', 'a2') if variant == 'diff_v1' else ('probs',)
+  for name, sub_heads in zip(maps, (slice(0, None, 2), slice(1, None, 2)) if variant == 'diff_v1' else (slice(None),)):
+    assert_close(layers[1][name][0], reference.causal_softmax(expected[sub_heads]), tol=1e-5)
+  np.testing.assert_array_equal(layers[1]['residual'], np.asarray(
+      Transformer(cfg).apply({'params': params}, tokens, capture_intermediates=True)[1]['intermediates']['block_1'][
+          '__call__'][0]))
+
+
+def test_training_and_state_creation_sow_nothing(monkeypatch):
+  """The train step's loss and gradient, and `init`, leave 'intermediates' immutable, so no layer records."""
+  cfg, params, tokens = model_and_params('diff_v1')
+  stored = []
+  sow = nn.Module.sow
+  monkeypatch.setattr(nn.Module, 'sow', lambda self, col, name, value, **kw: stored.append(name) or sow(
+      self, col, name, value, **kw))
+  batch = {'inputs': tokens, 'targets': tokens, 'mask': jnp.ones_like(tokens)}
+  jax.jit(jax.grad(lambda p: losses.token_losses(cfg, p, batch, 1e-4)[0]))(params)
+  assert stored == [] and list(Transformer(cfg).init(jax.random.key(0), tokens)) == ['params']
+  Transformer(cfg).apply({'params': params}, tokens, mutable=['intermediates'])
+  assert {'logits', 'a1', 'a2', 'lambda', 'residual'} <= set(stored)
+
+
+def test_the_pallas_kernel_shows_no_maps_and_computes_what_it_did(monkeypatch):
+  monkeypatch.setenv(kernels.INTERPRET_ENV, '1')
+  cfg = tiny_config(variant='diff_v1', d_model=64, n_heads=4, n_kv_heads=4, attention_impl='pallas')
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)), jnp.int32)
+  params = random_params(Transformer(cfg), tokens)
+  logits, state = Transformer(cfg).apply({'params': params}, tokens, mutable=['intermediates'])
+  assert set(state['intermediates']['block_0']) == {'residual'}
+  np.testing.assert_array_equal(logits, Transformer(cfg).apply({'params': params}, tokens))
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -23,7 +23,8 @@ def test_help_lists_every_command():
 
 # command -> a flag its help must show
 FLAGS = {'train': '--workdir', 'prepare': '--config', 'sample': '--temperature', 'evaluate': '--text_glob',
-         'needles': '--out', 'attention-maps': '--layer', 'export': '--out', 'compare': '--arms'}
+         'needles': '--out', 'outliers': '--windows', 'attention-maps': '--layer', 'export': '--out',
+         'compare': '--arms'}
 
 
 @pytest.mark.parametrize('command', sorted(commands.COMMANDS))

@@ -1,61 +1,58 @@
-"""What a trained model attends to: every layer's attention input from one forward pass, one layer's maps at chosen
-query rows (DIFF V1's A1, A2 and the differential map A1 − λ·A2 it applies; the baseline's softmax map), and their
-plot. `python -m diffjax.attention_maps` (diffjax/attention_maps.py) draws them for a run.
+"""What a trained model attends to, as its layers computed it: one forward pass that keeps what every layer sows
+(its logits and maps on the einsum path, and the residual stream each block hands on), one layer's maps (DIFF V1's
+A1, A2 and the differential map A1 − λ·A2 it applies; the baseline's softmax map), and their plot.
+`python -m diffjax.attention_maps` (diffjax/attention_maps.py) draws them for a run.
 """
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffjax.errors import ConfigError
-from diffjax.model import attention
 from diffjax.model import transformer as model_lib
 from diffjax.model.config import ModelConfig
 
 
-def layer_inputs(cfg: ModelConfig, params, tokens_BxT) -> list:
-  """Every layer's attention input (the output of its attn_norm, (B, T, E)), from one forward pass."""
-  _, captured = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxT, capture_intermediates=True)
-  return [captured['intermediates'][f'block_{layer}']['attn_norm']['__call__'][0] for layer in range(cfg.n_layers)]
+def sown(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT=None) -> tuple:
+  """(logits (B, T, V), per layer a dict of what it sowed): `logits` (the scaled attention logits, NaN where a query
+  cannot see), `a1`, `a2`, `lambda` (DIFF V1) or `probs` (the others), and `residual` (B, T, E), the block's output.
+
+  The model runs on the einsum path, the one that sows (the cuDNN and Pallas kernels compute the same function but
+  show no maps), with its layers unrolled. Traceable, so callers may jit it and keep only what they need.
+  """
+  params = model_lib.unstack_layers(cfg, params)
+  cfg = dataclasses.replace(cfg, attention_impl='xla', scan_layers=False)
+  logits_BxTxV, state = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxT,
+                                                         segment_ids_BxT=segment_ids_BxT, mutable=['intermediates'])
+  blocks = [state['intermediates'][f'block_{layer}'] for layer in range(cfg.n_layers)]
+  return logits_BxTxV, [{**{name: value for name, (value,) in block['attn'].items()},
+                         'residual': block['residual'][0]} for block in blocks]
 
 
-def maps_from_input(cfg: ModelConfig, attn_params, x_BxTxE, layer: int, rows_R=None) -> dict:
-  """One layer's attention maps (jnp float32) at the query positions `rows_R` (default: all): `a1`, `a2`, `diff`
-  (B, H, R, T) and the scalar `lambda` for DIFF V1; `a` (B, N, R, T) for the baseline. Traceable, so callers may jit
-  it; only the rows asked for are computed, so one row of a long context stays cheap."""
+def maps_of(cfg: ModelConfig, layer_sown: dict, rows=slice(None)) -> dict:
+  """One layer's maps from what it sowed, at query rows `rows` (an index or slice of positions; default all):
+  `a1`, `a2`, `diff` (B, H, R, S) and the scalar `lambda` for DIFF V1, `a` (B, N, R, S) for the baseline."""
   if cfg.variant == 'diff_v2':
     raise ConfigError('model.variant: attention maps are drawn for diff_v1 and baseline; diff_v2\'s λ is per token')
-  p = attn_params
-  b, t, d = x_BxTxE.shape[0], x_BxTxE.shape[1], cfg.head_dim
-  rows_R = jnp.arange(t) if rows_R is None else jnp.asarray(rows_R)
-  positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  rotate = lambda z: attention.apply_rope(z, positions_BxT, cfg.rope_theta, cfg.rope_pairing)
-  q_BxRxNxD = rotate((x_BxTxE @ p['q_proj']['kernel']).reshape(b, t, -1, d))[:, rows_R]
-  k_BxTxKxD = rotate((x_BxTxE @ p['k_proj']['kernel']).reshape(b, t, -1, d))
-  visible_RxT = rows_R[:, None] >= jnp.arange(t)[None, :]  # causal: row r sees keys s <= r
-  group = lambda n, n_q, n_k: n // (n_q // n_k)  # GQA: query head n reads kv head n // (N / K)
   if cfg.variant == 'baseline':
-    n, kv = q_BxRxNxD.shape[2], k_BxTxKxD.shape[2]
-    k_BxTxNxD = k_BxTxKxD[:, :, [group(i, n, kv) for i in range(n)]]
-    logits = jnp.einsum('brnd,bsnd->bnrs', q_BxRxNxD, k_BxTxNxD) * d ** -0.5
-    return {'a': attention._causal_softmax(logits, visible_RxT)}
-  # DIFF V1: sub-heads (2h, 2h+1) are (q1, q2) of head h; they meet (k1, k2) of kv group h // R.
-  heads, groups = q_BxRxNxD.shape[2] // 2, k_BxTxKxD.shape[2] // 2
-  maps = {}
-  for c, name in ((0, 'a1'), (1, 'a2')):
-    k_c = k_BxTxKxD[:, :, 2 * np.array([group(h, heads, groups) for h in range(heads)]) + c]
-    logits = jnp.einsum('brhd,bshd->bhrs', q_BxRxNxD[:, :, c::2], k_c) * d ** -0.5
-    maps[name] = attention._causal_softmax(logits, visible_RxT)
-  maps['lambda'] = attention.reparameterised_lambda(p, layer, cfg.lambda_init_schedule)
-  maps['diff'] = maps['a1'] - maps['lambda'] * maps['a2']
-  return maps
+    return {'a': layer_sown['probs'][:, :, rows]}
+  a1, a2, lam = layer_sown['a1'][:, :, rows], layer_sown['a2'][:, :, rows], layer_sown['lambda']
+  return {'a1': a1, 'a2': a2, 'lambda': lam, 'diff': a1 - lam * a2}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _one_layer(cfg: ModelConfig, params, tokens_BxT, layer: int) -> dict:
+  """One layer's maps; compiled, so only they leave the forward pass, not every layer's."""
+  return maps_of(cfg, sown(cfg, params, tokens_BxT)[1][layer])
 
 
 def layer_maps(cfg: ModelConfig, params, tokens_1xT, layer: int) -> dict[str, np.ndarray]:
   """Attention maps of one layer as float32 NumPy arrays: `a1`, `a2`, `diff` (H, T, T) for DIFF V1, `a` for the
   baseline (N, T, T)."""
-  if cfg.variant == 'diff_v2':
-    raise ConfigError('model.variant: attention maps are drawn for diff_v1 and baseline; diff_v2\'s λ is per token')
-  maps = maps_from_input(cfg, params[f'block_{layer}']['attn'], layer_inputs(cfg, params, tokens_1xT)[layer], layer)
+  maps = _one_layer(cfg, params, jnp.asarray(tokens_1xT), layer)
   return {key: np.float32(value) if key == 'lambda' else np.asarray(value[0]) for key, value in maps.items()}
 
 

@@ -133,10 +133,10 @@ def retrieval(cfg: ModelConfig, params, tokenizer: tokenizers.Tokenizer, prompts
 def _last_rows(cfg: ModelConfig, params, tokens_BxT):
   """Per layer, the attention row (B, H, T) of the last position: A1 − λ·A2 for DIFF V1, softmax for the
   baseline."""
-  last_R = jnp.array([tokens_BxT.shape[1] - 1])
   key = 'diff' if cfg.variant == 'diff_v1' else 'a'
-  return [attention_maps.maps_from_input(cfg, params[f'block_{layer}']['attn'], x_BxTxE, layer, last_R)[key][:, :, 0]
-          for layer, x_BxTxE in enumerate(attention_maps.layer_inputs(cfg, params, tokens_BxT))]
+  # Only these rows leave the program, so the full maps the forward pass computes are never kept.
+  return [attention_maps.maps_of(cfg, layer_sown, rows=-1)[key]
+          for layer_sown in attention_maps.sown(cfg, params, tokens_BxT)[1]]
 
 
 def span_masses(rows_BxHxT: np.ndarray, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

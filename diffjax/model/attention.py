@@ -7,6 +7,13 @@ Every kernel path computes the same function; `xla` is the reference on every pl
 Each layer also runs against a KV cache (generation): given `cache = {'k': (B, S, K, D), 'v': (B, S, ·, ·)}`, it
 stores this call's rotated keys and values at the slots of their absolute positions, lets the query at position p
 see the slots s <= p, and returns (output, updated cache). Projections, RoPE, λ and norms are the training path's.
+
+Analysis reads the einsum path from the layer itself. Run with `mutable=['intermediates']`, each layer sows its
+scaled pre-softmax logits (B, sub-heads, T, S), entries a query cannot see set to NaN, and its maps: `a1`, `a2`
+(B, H, T, S) and `lambda` for DIFF V1, `probs` (B, query heads, T, S) for the others (and DIFF V2's per-token
+`lambda`). The logits also pass through the layer's `attention_logits` method, the identity, so that
+`nn.intercept_methods` can alter them (quantization studies). Without that mutable collection nothing is sown and
+the identity compiles away; the cuDNN and Pallas paths have no logits to show and sow nothing.
 """
 
 import contextlib
@@ -41,15 +48,20 @@ def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
   return rotated.astype(x_BxTxNxD.dtype)
 
 
-def _causal_softmax(logits_xTxS, visible_xTxS=None):
-  """float32 softmax over the last axis; keys outside `visible` (broadcast against the logits) get no weight.
-
-  By default the mask is causal: query t sees keys s <= t.
-  """
-  if visible_xTxS is None:
-    t, s = logits_xTxS.shape[-2:]
-    visible_xTxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+def _causal_softmax(logits_xTxS, visible_xTxS):
+  """float32 softmax over the last axis; keys outside `visible` (broadcast against the logits) get no weight."""
   return jax.nn.softmax(jnp.where(visible_xTxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
+
+
+def recording(module: nn.Module) -> bool:
+  """Whether `module` sows what analysis reads: only where a caller made 'intermediates' mutable, never while the
+  parameters are created, so training and state creation trace none of it."""
+  return module.is_mutable_collection('intermediates') and not module.is_initializing()
+
+
+def _observed_logits(observer, logits_BxNxTxS, visible_BxNxTxS):
+  """The logits the softmax takes: the layer's `attention_logits` of them when a layer observes, else themselves."""
+  return logits_BxNxTxS if observer is None else observer.attention_logits(logits_BxNxTxS, visible_BxNxTxS)
 
 
 _warned = set()
@@ -139,19 +151,21 @@ def same_document(segment_ids_BxT, segment_ids_BxS=None):
   return segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
 
 
-def _training_mask(visible_BxTxS, segment_ids_BxT, t: int, s: int):
-  """The explicit mask of the einsum path: the cache's, else causal (None) or causal within documents."""
-  if visible_BxTxS is not None or segment_ids_BxT is None:
+def _einsum_mask(visible_BxTxS, segment_ids_BxT, t: int, s: int):
+  """The mask of the einsum path, (B or 1, T, S): the cache's, else causal (query t sees keys s <= t), within
+  documents when segment ids are given."""
+  if visible_BxTxS is not None:
     return visible_BxTxS
-  causal_TxS = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
-  return causal_TxS[None] & same_document(segment_ids_BxT)
+  causal_1xTxS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])[None]
+  return causal_1xTxS if segment_ids_BxT is None else causal_1xTxS & same_document(segment_ids_BxT)
 
 
-def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None, segment_ids_BxT=None):
+def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None, segment_ids_BxT=None,
+                      observer=None):
   """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32.
 
   `segment_ids_BxT` (training, T == S) keeps each token inside its document; `visible_BxTxS` replaces the causal
-  mask (the cache path; `xla` only).
+  mask (the cache path; `xla` only). `observer`, the calling layer, sees the einsum path's logits and maps.
   """
   scale = q_BxTxNxD.shape[-1] ** -0.5
   if impl == 'splash':
@@ -164,10 +178,15 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   b, t, n, d = q_BxTxNxD.shape
   kv = k_BxSxKxD.shape[2]
   q_BxTxKxRxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
+  s = k_BxSxKxD.shape[1]
   logits = jnp.einsum('btkrd,bskd->bkrts', q_BxTxKxRxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-  visible_BxTxS = _training_mask(visible_BxTxS, segment_ids_BxT, t, k_BxSxKxD.shape[1])
-  visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None]
-  probs_BxKxRxTxS = _causal_softmax(logits * scale, visible)
+  visible_Bx1xTxS = _einsum_mask(visible_BxTxS, segment_ids_BxT, t, s)[:, None]
+  # Query head n = k·R + r, so (K, R) flattens to the head axis as it stands.
+  logits_BxNxTxS = _observed_logits(observer, (logits * scale).reshape(b, n, t, s), visible_Bx1xTxS)
+  probs_BxNxTxS = _causal_softmax(logits_BxNxTxS, visible_Bx1xTxS)
+  if observer is not None and recording(observer):
+    observer.sow('intermediates', 'probs', probs_BxNxTxS)
+  probs_BxKxRxTxS = probs_BxNxTxS.reshape(b, kv, n // kv, t, s)
   out = jnp.einsum('bkrts,bskd->btkrd', probs_BxKxRxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, d)
@@ -208,12 +227,13 @@ def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
 
 
 def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
-                      segment_ids_BxT=None):
+                      segment_ids_BxT=None, observer=None):
   """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
 
   Query sub-heads 2h and 2h+1 are (q1, q2) of differential head h, and the same for keys; q1 meets k1 and q2
   meets k2 of the same kv group h // R (the reference's flash semantics). `segment_ids_BxT` (training, T == S)
   keeps each token inside its document; `visible_BxTxS` replaces the causal mask (the cache path; `xla` only).
+  `observer`, the calling layer, sees the einsum path's logits, both maps and λ.
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
@@ -242,10 +262,17 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     return a1v - lam * a2v
   q_BxTxGxRx2xD = q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d)
   k_BxSxGx2xD = k_BxSx2GxD.reshape(b, -1, groups, 2, d)
+  s = k_BxSxGx2xD.shape[1]
   logits = jnp.einsum('btgrcd,bsgcd->bgrcts', q_BxTxGxRx2xD, k_BxSxGx2xD, preferred_element_type=jnp.float32)
-  visible_BxTxS = _training_mask(visible_BxTxS, segment_ids_BxT, t, k_BxSxGx2xD.shape[1])
-  visible = None if visible_BxTxS is None else visible_BxTxS[:, None, None, None]
-  probs_BxGxRx2xTxS = _causal_softmax(logits * scale, visible)
+  visible_Bx1xTxS = _einsum_mask(visible_BxTxS, segment_ids_BxT, t, s)[:, None]
+  # Sub-head (g·R + r)·2 + c is query sub-head 2h + c of head h = g·R + r: (G, R, 2) flattens to the query layout.
+  logits_Bx2HxTxS = _observed_logits(observer, (logits * scale).reshape(b, two_h, t, s), visible_Bx1xTxS)
+  probs_Bx2HxTxS = _causal_softmax(logits_Bx2HxTxS, visible_Bx1xTxS)
+  if observer is not None and recording(observer):
+    observer.sow('intermediates', 'a1', probs_Bx2HxTxS[:, 0::2])
+    observer.sow('intermediates', 'a2', probs_Bx2HxTxS[:, 1::2])
+    observer.sow('intermediates', 'lambda', lam)
+  probs_BxGxRx2xTxS = probs_Bx2HxTxS.reshape(b, groups, heads // groups, 2, t, s)
   out_BxTxGxRx2x2D = jnp.einsum('bgrcts,bsge->btgrce', probs_BxGxRx2xTxS.astype(v_BxSxGx2D.dtype), v_BxSxGx2D,
                                 preferred_element_type=jnp.float32)
   # The subtraction comes after both softmaxes, never on the logits.
@@ -299,7 +326,24 @@ def _positions(x_BxTxE, positions_BxT, cache):
   return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
-class DiffAttentionV1(nn.Module):
+class _Attention(nn.Module):
+  """What the three attention layers share: the point where analysis sees the einsum path's logits."""
+
+  def attention_logits(self, logits_BxNxTxS, visible_BxNxTxS):
+    """The scaled logits the softmax takes, unchanged: sown (unseen entries as NaN) when 'intermediates' is
+    mutable, and a method so that `nn.intercept_methods` can replace them, e.g. by a quantized copy."""
+    if recording(self):
+      self.sow('intermediates', 'logits', jnp.where(visible_BxNxTxS, logits_BxNxTxS, jnp.nan))
+    return logits_BxNxTxS
+
+
+def _observer(layer: _Attention, impl: str):
+  """The layer, for the attention function to show its logits and maps to, on the einsum path; None on the
+  kernels, which have none to show."""
+  return layer if impl == 'xla' else None
+
+
+class DiffAttentionV1(_Attention):
   """DIFF V1: n_heads/2 differential heads, λ re-parameterised per layer, per-head RMSNorm, ×(1 − λ_init).
 
   With `diff_head_norm=False` (the paper's ablation) the heads' (A1 − λ A2) V goes to W_o as it is.
@@ -322,7 +366,7 @@ class DiffAttentionV1(nn.Module):
     k_BxSx2GxD, v_BxSxGx2D, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTx2GxD, v_BxTxGx2D, positions_BxT,
                                                                       cache)
     out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS,
-                                     segment_ids_BxT)
+                                     segment_ids_BxT, _observer(self, impl))
     if cfg.diff_head_norm:
       out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
       out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer, cfg.lambda_init_schedule))
@@ -331,7 +375,7 @@ class DiffAttentionV1(nn.Module):
     return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
-class DiffAttentionV2(nn.Module):
+class DiffAttentionV2(_Attention):
   """DIFF V2: 2·n_heads query heads in adjacent pairs, one attention call, per-token λ = sigmoid(W_λ x)."""
   cfg: ModelConfig
   layer: int
@@ -345,14 +389,17 @@ class DiffAttentionV2(nn.Module):
     q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, 2 * heads, d)
     k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
     # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
-    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT)
+    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT,
+                                     _observer(self, impl))
     lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
+    if recording(self) and impl == 'xla':
+      self.sow('intermediates', 'lambda', lam_BxTxH)
     out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
     return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_Attention):
   """The baseline: causal multi-head (or grouped-query) softmax attention."""
   cfg: ModelConfig
   layer: int
@@ -365,7 +412,8 @@ class MultiHeadAttention(nn.Module):
     positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, d)
     k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
-    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT)
+    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT,
+                                    _observer(self, impl))
     out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
     return out_BxTxE if cache is None else (out_BxTxE, cache)
 

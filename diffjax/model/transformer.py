@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.model.attention import ATTENTION_BY_VARIANT, reparameterised_lambda
+from diffjax.model.attention import ATTENTION_BY_VARIANT, recording, reparameterised_lambda
 from diffjax.model.config import REMAT_POLICIES, ModelConfig
 from diffjax.model.layers import RMSNorm, SwiGLU, dense
 
@@ -13,7 +13,11 @@ ACTIVATION_AXES = ('batch', 'length', 'act_embed')
 
 
 class Block(nn.Module):
-  """x + Attn(norm(x)), then x + SwiGLU(norm(x)); the residual stream stays float32."""
+  """x + Attn(norm(x)), then x + SwiGLU(norm(x)); the residual stream stays float32.
+
+  With 'intermediates' mutable (analysis), the block sows the residual stream it hands on, (B, T, E), as
+  `residual`, beside what its attention sows.
+  """
   cfg: ModelConfig
   layer: int
 
@@ -31,6 +35,8 @@ class Block(nn.Module):
       x_BxTxE = x_BxTxE + attended_BxTxE
     x_BxTxE = x_BxTxE + SwiGLU(cfg, name='ffn')(RMSNorm(cfg.norm_eps, name='ffn_norm')(x_BxTxE))
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, ACTIVATION_AXES)
+    if recording(self):
+      self.sow('intermediates', 'residual', x_BxTxE)
     return x_BxTxE if cache is None else (x_BxTxE, cache)
 
 
