@@ -1,6 +1,7 @@
 """What the command-line entry points share: one-line errors, flag parsing, the help, and writing their output."""
 
 import contextlib
+import json
 import logging as std_logging
 import os
 import re
@@ -173,3 +174,13 @@ def writing(path: str, flag: str):
   except OSError as error:
     raise ConfigError(f'{flag}: cannot write {path} ({error.strerror or error}); give a folder you can write to '
                       f'with {flag}=DIR') from None
+
+
+def write_report(report: dict, out: str, stem: str, plot) -> tuple[str, str]:
+  """Writes OUT/STEM.json and, through `plot(report, path)`, OUT/STEM.png; returns their paths."""
+  json_path, png_path = os.path.join(out, f'{stem}.json'), os.path.join(out, f'{stem}.png')
+  with writing(json_path, '--out'), open(json_path, 'w') as f:
+    json.dump(report, f, indent=2)
+  with writing(png_path, '--out'):
+    plot(report, png_path)
+  return json_path, png_path

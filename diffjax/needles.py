@@ -24,7 +24,6 @@ Runs are scored one after another on prompts built with the same seed, so runs s
 prompts. Writes FOLDER/needles.json and FOLDER/needles.png (accuracy per run and depth, one panel per context).
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -70,11 +69,7 @@ def main(argv):
     report['runs'].append({'workdir': os.path.abspath(workdir), 'variant': cfg.variant, 'step': step,
                            'label': f'{os.path.basename(os.path.abspath(workdir))} ({cfg.variant}, step {step})',
                            'results': results})
-  json_path, png_path = os.path.join(out, 'needles.json'), os.path.join(out, 'needles.png')
-  with cli.writing(json_path, '--out'), open(json_path, 'w') as f:
-    json.dump(report, f, indent=2)
-  with cli.writing(png_path, '--out'):
-    needles.plot(report, png_path)
+  json_path, png_path = cli.write_report(report, out, 'needles', needles.plot)
   print(needles.tables(report))
   print(f'\n{json_path}\n{png_path}')
 

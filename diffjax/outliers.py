@@ -18,7 +18,6 @@ Writes FOLDER/outliers.json (everything, per layer) and FOLDER/outliers.png (per
 kurtosis and max |hidden state| of each run; each run's loss against the bits) and prints the tables.
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -91,11 +90,7 @@ def main(argv):
                            'scored_tokens': int(sum(batch['mask'].sum() for batch in batches)),
                            **outliers.activation_outliers(cfg, params, batches),
                            'loss': outliers.quantization_losses(cfg, params, batches, bits)})
-  json_path, png_path = os.path.join(out, 'outliers.json'), os.path.join(out, 'outliers.png')
-  with cli.writing(json_path, '--out'), open(json_path, 'w') as f:
-    json.dump(report, f, indent=2)
-  with cli.writing(png_path, '--out'):
-    outliers.plot(report, png_path)
+  json_path, png_path = cli.write_report(report, out, 'outliers', outliers.plot)
   print(outliers.tables(report))
   print(f'\n{json_path}\n{png_path}')
 

@@ -327,7 +327,10 @@ def _positions(x_BxTxE, positions_BxT, cache):
 
 
 class _Attention(nn.Module):
-  """What the three attention layers share: the point where analysis sees the einsum path's logits."""
+  """What the three attention layers share: their config and depth, the point where analysis sees the einsum
+  path's logits, softmax heads and the output projection."""
+  cfg: ModelConfig
+  layer: int
 
   def attention_logits(self, logits_BxNxTxS, visible_BxNxTxS):
     """The scaled logits the softmax takes, unchanged: sown (unseen entries as NaN) when 'intermediates' is
@@ -335,6 +338,23 @@ class _Attention(nn.Module):
     if recording(self):
       self.sow('intermediates', 'logits', jnp.where(visible_BxNxTxS, logits_BxNxTxS, jnp.nan))
     return logits_BxNxTxS
+
+  def softmax_heads(self, x_BxTxE, positions_BxT, cache, segment_ids_BxT, n_q: int):
+    """Softmax attention of `n_q` query heads over the layer's kv heads, as DIFF V2 and the baseline run it:
+    (outputs (B, T, n_q, D) float32, the kernel that ran, the updated cache or None)."""
+    cfg = self.cfg
+    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
+    q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, n_q, cfg.head_dim)
+    k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
+    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT,
+                                    _observer(self, impl))
+    return out_BxTxNxD, impl, cache
+
+  def project_out(self, heads_BxTxF, cache):
+    """W_o on the heads' concatenated outputs; with a cache, (output, updated cache)."""
+    cfg = self.cfg
+    out_BxTxE = dense(cfg, cfg.d_model, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(heads_BxTxF)
+    return out_BxTxE if cache is None else (out_BxTxE, cache)
 
 
 def _observer(layer: _Attention, impl: str):
@@ -348,8 +368,6 @@ class DiffAttentionV1(_Attention):
 
   With `diff_head_norm=False` (the paper's ablation) the heads' (A1 − λ A2) V goes to W_o as it is.
   """
-  cfg: ModelConfig
-  layer: int
 
   def lam(self):
     init = nn.with_logical_partitioning(nn.initializers.normal(0.1), ('head_dim',))
@@ -359,7 +377,7 @@ class DiffAttentionV1(_Attention):
   @nn.compact
   def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
-    b, t, e = x_BxTxE.shape
+    b, t, _ = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads // 2
     positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
@@ -370,52 +388,35 @@ class DiffAttentionV1(_Attention):
     if cfg.diff_head_norm:
       out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
       out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer, cfg.lambda_init_schedule))
-    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(
-        out_BxTxHx2D.reshape(b, t, heads * 2 * d))
-    return out_BxTxE if cache is None else (out_BxTxE, cache)
+    return self.project_out(out_BxTxHx2D.reshape(b, t, heads * 2 * d), cache)
 
 
 class DiffAttentionV2(_Attention):
   """DIFF V2: 2·n_heads query heads in adjacent pairs, one attention call, per-token λ = sigmoid(W_λ x)."""
-  cfg: ModelConfig
-  layer: int
 
   @nn.compact
   def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
-    b, t, e = x_BxTxE.shape
+    b, t, _ = x_BxTxE.shape
     d, heads = cfg.head_dim, cfg.n_heads
-    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
-    q_BxTx2HxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, 2 * heads, d)
-    k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
     # Query heads 2h and 2h+1 fall in the same kv group because the group size 2H/K is even.
-    out_BxTx2HxD = softmax_attention(q_BxTx2HxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT,
-                                     _observer(self, impl))
+    out_BxTx2HxD, impl, cache = self.softmax_heads(x_BxTxE, positions_BxT, cache, segment_ids_BxT, 2 * heads)
     lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
     if recording(self) and impl == 'xla':
       self.sow('intermediates', 'lambda', lam_BxTxH)
     out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
-    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxHxD.reshape(b, t, heads * d))
-    return out_BxTxE if cache is None else (out_BxTxE, cache)
+    return self.project_out(out_BxTxHxD.reshape(b, t, heads * d), cache)
 
 
 class MultiHeadAttention(_Attention):
   """The baseline: causal multi-head (or grouped-query) softmax attention."""
-  cfg: ModelConfig
-  layer: int
 
   @nn.compact
   def __call__(self, x_BxTxE, positions_BxT=None, cache=None, segment_ids_BxT=None):
     cfg = self.cfg
     b, t, e = x_BxTxE.shape
-    d = cfg.head_dim
-    positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
-    q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, d)
-    k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTxKxD, v_BxTxKxD, positions_BxT, cache)
-    out_BxTxNxD = softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl, visible_BxTxS, segment_ids_BxT,
-                                    _observer(self, impl))
-    out_BxTxE = dense(cfg, e, ('heads', 'embed'), 'out_proj', output_stddev(cfg))(out_BxTxNxD.reshape(b, t, e))
-    return out_BxTxE if cache is None else (out_BxTxE, cache)
+    out_BxTxNxD, _, cache = self.softmax_heads(x_BxTxE, positions_BxT, cache, segment_ids_BxT, cfg.n_heads)
+    return self.project_out(out_BxTxNxD.reshape(b, t, e), cache)
 
 
 ATTENTION_BY_VARIANT = {'diff_v1': DiffAttentionV1, 'diff_v2': DiffAttentionV2, 'baseline': MultiHeadAttention}
