@@ -95,9 +95,8 @@ def parse_arm(spec: str) -> Arm:
 
 def load_config(config_file: str, overrides: list[str]):
   """The config `python -m diffjax.train --config=CONFIG_FILE --config.KEY=VALUE...` trains with."""
-  known = defaults.flatten(defaults.base_config().to_dict())
   for item in overrides:
-    if item.split('=', 1)[0] not in known:
+    if item.split('=', 1)[0] not in defaults.KEYS:
       raise ConfigError(f'{item}: unknown config key; see the config keys in README.md')
   argv = ['compare', f'--config={config_file}', *(f'--config.{item}' for item in overrides)]
   values = flags.FlagValues()
