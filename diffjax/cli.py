@@ -106,15 +106,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _help() -> str:
   """What the running command does, its own flags, and, for one that takes a run config, every config key with its
-  default (their meanings: README.md, Config keys)."""
+  default and what it does."""
   main = sys.modules['__main__']
   parts = [(main.__doc__ or '').strip(), flags.FLAGS.main_module_help().strip(), flags.FLAGS.module_help(__name__)]
   if 'config' in flags.FLAGS and hasattr(type(flags.FLAGS['config']), 'config_filename'):  # a config file flag
-    from diffjax.run import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the defaults)
-    keys = defaults.flatten(defaults.base_config().to_dict())
-    width = max(map(len, keys))
+    from diffjax.run import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the schema)
+    width = max(map(len, defaults.KEYS))
     parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/run/defaults.py; a config file may '
-                 'change them):\n' + '\n'.join(f'  {key:<{width}}  {value!r}' for key, value in keys.items()))
+                 'change them):\n' + '\n'.join(f'  {name:<{width}}  {key.default!r}\n      {key.doc}'
+                                                for name, key in defaults.KEYS.items()))
   return '\n\n'.join(part for part in parts if part)
 
 

@@ -57,8 +57,9 @@ SHARED_BY_ARMS = ('seed', 'data.', 'train.seq_len', 'train.global_batch_size', '
                   'checkpoint.init_from')
 # Keys that say how or where a run is computed, logged and saved, not what it trains: they may change between
 # invocations without making a finished run incomparable with the others.
-NOT_PROTOCOL = checkpoint_lib.NOT_IDENTITY + ('log.', 'checkpoint.', 'mesh.', 'data.read_threads',
-                                              'data.prefetch_batches', 'train.microbatches', 'train.loss_chunk_tokens')
+NOT_PROTOCOL = tuple(name for name in defaults.KEYS if name.startswith(('model.', 'data.'))
+                     and name not in defaults.IDENTITY) + ('log.', 'checkpoint.', 'mesh.', 'train.microbatches',
+                                                           'train.loss_chunk_tokens')
 PLAN = 'compare_plan.json'
 
 
@@ -94,9 +95,8 @@ def parse_arm(spec: str) -> Arm:
 
 def load_config(config_file: str, overrides: list[str]):
   """The config `python -m diffjax.train --config=CONFIG_FILE --config.KEY=VALUE...` trains with."""
-  known = defaults.flatten(defaults.base_config().to_dict())
   for item in overrides:
-    if item.split('=', 1)[0] not in known:
+    if item.split('=', 1)[0] not in defaults.KEYS:
       raise ConfigError(f'{item}: unknown config key; see the config keys in README.md')
   argv = ['compare', f'--config={config_file}', *(f'--config.{item}' for item in overrides)]
   values = flags.FlagValues()

@@ -23,11 +23,10 @@ import grain
 import ml_collections
 import numpy as np
 from etils import epath
-from ml_collections import config_dict
 
 from diffjax.data import corpus as corpus_lib
 from diffjax.data import prepare, tokenizers
-from diffjax.errors import ConfigError
+from diffjax.errors import ConfigError, Key, check_section, config_section
 
 SOURCES = ('stdlib', 'local', 'tfds', 'hf')
 TOKENIZERS = ('byte', 'sentencepiece')
@@ -40,65 +39,59 @@ BATCH_DTYPES = {'inputs': np.int32, 'targets': np.int32, 'mask': np.float32, 'se
 _EVAL_SEED = 0
 
 
+# The `data.*` keys of the run config. `identity=False`: where and how fast the same rows are read.
+DATA_KEYS = {
+    'source': Key('stdlib', "stdlib (Python's own sources, no download), local (your text files), tfds or hf "
+                  '(local Parquet or Arrow files of a Hugging Face dataset)', choices=SOURCES),
+    'tfds_name': Key(None, "source tfds: the dataset, e.g. 'lm1b', 'c4/en:3.1.0'", kind=str, optional=True),
+    'text_key': Key('text', "source tfds: the feature that holds a document's text"),
+    'train_split': Key('train', "source tfds: the training split ('stdlib' and 'local' split by document)"),
+    'eval_split': Key('validation', "source tfds: the validation split (lm1b has 'test' instead)"),
+    'text_glob': Key(None, 'source local: a folder, file or glob of .txt / .txt.gz files, one document each',
+                     kind=str, optional=True),
+    'hf_files': Key(None, 'source hf: a folder, file or glob of .parquet / .arrow files', kind=str, optional=True),
+    'hf_text_field': Key('text', "source hf: the column that holds a document's text, one document per row"),
+    'validation_fraction': Key(0.05, 'stdlib, local and hf: the share of documents held out for validation',
+                               above=0, below=1),
+    # A stray damaged byte stays far below one in a thousand, and text in another encoding (Latin-1 prose: 1-5% of
+    # its bytes) or binary data (tens of %) far above.
+    'max_undecodable_fraction': Key(0.001, 'local: a file with a larger share of bytes that are not UTF-8 is refused '
+                                    '(1: never)', at_least=0, at_most=1, identity=False),
+    'data_dir': Key(None, 'where prepared sequences (and TFDS datasets) live; unset: $DIFFJAX_DATA_DIR, else '
+                    '~/.cache/diffjax', kind=str, optional=True, identity=False),
+    'tokenizer': Key('byte', 'byte (UTF-8 bytes) or sentencepiece (trained on the training split, kept in the '
+                     'workdir)', choices=TOKENIZERS),
+    'sp_vocab_size': Key(8000, 'SentencePiece vocabulary size', at_least=1),
+    'sp_train_chars': Key(20_000_000, 'at most this many characters of training text train the SentencePiece model',
+                          at_least=1),
+    'read_threads': Key(8, 'threads reading rows ahead of the step', at_least=1, identity=False),
+    'prefetch_batches': Key(2, 'batches put on the devices ahead of the step', at_least=1, identity=False),
+}
+
+
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` section of the training config."""
-  cfg = ml_collections.ConfigDict()
-  cfg.source = 'stdlib'  # 'stdlib' (Python's own sources, no download) | 'local' | 'tfds' | 'hf'
-  cfg.tfds_name = config_dict.placeholder(str)  # source 'tfds': 'lm1b', 'c4/en:3.1.0', 'wikipedia/20230601.en'
-  cfg.text_key = 'text'  # source 'tfds': the feature that holds a document's text
-  cfg.train_split = 'train'  # source 'tfds'; 'stdlib' and 'local' have 'train' and 'validation'
-  cfg.eval_split = 'validation'  # source 'tfds'; lm1b has 'test' instead
-  cfg.text_glob = config_dict.placeholder(str)  # source 'local': a folder, file or glob of .txt / .txt.gz
-  cfg.hf_files = config_dict.placeholder(str)  # source 'hf': a folder, file or glob of .parquet / .arrow files
-  cfg.hf_text_field = 'text'  # source 'hf': the column that holds a document's text, one document per row
-  cfg.validation_fraction = 0.05  # 'stdlib', 'local' and 'hf': the share of documents held out for validation
-  # A file with more of its bytes not UTF-8 is refused: a stray damaged byte stays far below one in a thousand, and
-  # text in another encoding (Latin-1 prose: 1-5% of its bytes) or binary data (tens of %) far above; 1: never.
-  cfg.max_undecodable_fraction = 0.001
-  # Prepared sequences (and TFDS datasets) live here; None: $DIFFJAX_DATA_DIR, else ~/.cache/diffjax.
-  cfg.data_dir = config_dict.placeholder(str)
-  cfg.tokenizer = 'byte'  # 'byte' | 'sentencepiece' (trained on the train split, saved in the workdir)
-  cfg.sp_vocab_size = 8000
-  cfg.sp_train_chars = 20_000_000  # at most this many characters of training text for the SentencePiece trainer
-  cfg.read_threads = 8  # threads reading rows ahead of the step
-  cfg.prefetch_batches = 2  # batches put on the devices ahead of the step
-  return cfg
+  return config_section(DATA_KEYS)
 
 
 def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for what is wrong without reading any data (names, paths, ranges)."""
-  def need(ok, key, message):
-    if not ok:
-      raise ConfigError(f'data.{key}: {message}')
-
-  need(data_cfg.source in SOURCES, 'source', f'unknown source {data_cfg.source!r}; use one of {", ".join(SOURCES)}')
-  need(data_cfg.tokenizer in TOKENIZERS, 'tokenizer',
-       f'unknown tokenizer {data_cfg.tokenizer!r}; use one of {", ".join(TOKENIZERS)}')
+  check_section('data', DATA_KEYS, data_cfg)
   if data_cfg.source == 'local':
-    need(data_cfg.text_glob, 'text_glob',
-         "unset; with data.source='local' point it at a folder, file or glob of .txt or .txt.gz files")
+    if not data_cfg.text_glob:
+      raise ConfigError("data.text_glob: unset; with data.source='local' point it at a folder, file or glob of .txt "
+                        'or .txt.gz files')
     corpus_lib.check_text_glob(data_cfg.text_glob)
   if data_cfg.source == 'hf':
-    need(data_cfg.hf_files, 'hf_files',
-         "unset; with data.source='hf' point it at a folder, file or glob of .parquet or .arrow files")
-    need(isinstance(data_cfg.hf_text_field, str) and data_cfg.hf_text_field, 'hf_text_field',
-         f'must be a non-empty string, got {data_cfg.hf_text_field!r}')
+    if not data_cfg.hf_files:
+      raise ConfigError("data.hf_files: unset; with data.source='hf' point it at a folder, file or glob of .parquet "
+                        'or .arrow files')
     corpus_lib.check_hf_files(data_cfg.hf_files)  # datasets is installed and the files' folder exists
-  if data_cfg.source == 'tfds':
-    need(data_cfg.tfds_name, 'tfds_name', "unset; with data.source='tfds' name a TFDS dataset, e.g. 'lm1b'")
-  for key in ('text_key', 'train_split', 'eval_split'):
-    need(isinstance(data_cfg[key], str) and data_cfg[key], key, f'must be a non-empty string, got {data_cfg[key]!r}')
-  need(isinstance(data_cfg.validation_fraction, (int, float)) and 0 < data_cfg.validation_fraction < 1,
-       'validation_fraction', f'must be between 0 and 1 (exclusive), got {data_cfg.validation_fraction}')
-  need(isinstance(data_cfg.max_undecodable_fraction, (int, float)) and 0 <= data_cfg.max_undecodable_fraction <= 1,
-       'max_undecodable_fraction', f'must be a fraction between 0 and 1, got {data_cfg.max_undecodable_fraction!r}')
-  for key in ('sp_vocab_size', 'sp_train_chars', 'read_threads', 'prefetch_batches'):
-    need(isinstance(data_cfg[key], int) and data_cfg[key] > 0, key,
-         f'must be a positive integer, got {data_cfg[key]!r}')
-  if data_cfg.tokenizer == 'sentencepiece':
-    need(data_cfg.sp_vocab_size >= tokenizers.SP_MIN_VOCAB_SIZE, 'sp_vocab_size',
-         f'{data_cfg.sp_vocab_size} is too small; the byte-fallback model needs at least '
-         f'{tokenizers.SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
+  if data_cfg.source == 'tfds' and not data_cfg.tfds_name:
+    raise ConfigError("data.tfds_name: unset; with data.source='tfds' name a TFDS dataset, e.g. 'lm1b'")
+  if data_cfg.tokenizer == 'sentencepiece' and data_cfg.sp_vocab_size < tokenizers.SP_MIN_VOCAB_SIZE:
+    raise ConfigError(f'data.sp_vocab_size: {data_cfg.sp_vocab_size} is too small; the byte-fallback model needs at '
+                      f'least {tokenizers.SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
 
 
 def tokenizer_vocab_size(data_cfg) -> int:
@@ -143,7 +136,8 @@ def _cached_tokenizer_path(data_cfg, corpus: corpus_lib.Corpus) -> epath.Path:
   return epath.Path(prepare.data_root(data_cfg)) / corpus.key / name
 
 
-def _load_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer:
+def _saved_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer | None:
+  """The run's tokenizer if one is saved: the workdir's, else the corpus's cached one; None if neither exists."""
   if data_cfg.tokenizer == 'byte':
     return tokenizers.ByteTokenizer()
   cached = _cached_tokenizer_path(data_cfg, corpus)
@@ -160,8 +154,15 @@ def _load_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer:
         raise ConfigError(f'data.sp_vocab_size: {path} has {tokenizer.vocab_size} pieces but the config asks for '
                           f'{data_cfg.sp_vocab_size}; keep the value this run was started with or use a new workdir')
       return tokenizer
-  raise ConfigError(f'data.data_dir: no tokenizer at {cached}; in a multi-host run data.data_dir must be a folder '
-                    'that every host shares')
+  return None
+
+
+def _load_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer:
+  tokenizer = _saved_tokenizer(data_cfg, corpus, workdir)
+  if tokenizer is None:
+    raise ConfigError(f'data.data_dir: no tokenizer at {_cached_tokenizer_path(data_cfg, corpus)}; in a multi-host '
+                      'run data.data_dir must be a folder that every host shares')
+  return tokenizer
 
 
 def _make_tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None) -> tokenizers.Tokenizer:
@@ -169,11 +170,8 @@ def _make_tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None) ->
   one trained on the train split (and cached, so every run on this corpus shares its vocabulary and data)."""
   if data_cfg.tokenizer == 'byte':
     return tokenizers.ByteTokenizer()
-  try:
-    tokenizer = _load_tokenizer(data_cfg, corpus, workdir)
-  except ConfigError as missing:
-    if 'no tokenizer at' not in str(missing):
-      raise
+  tokenizer = _saved_tokenizer(data_cfg, corpus, workdir)
+  if tokenizer is None:
     # Read before training (which holds every sentence in memory anyway), so that a binary file is refused before
     # its characters make the vocabulary fail or a vocabulary learned from them is kept.
     texts = list(_texts_up_to(corpus.splits[corpus_lib.TRAIN], data_cfg.sp_train_chars))

@@ -75,10 +75,8 @@ class SentencePieceTokenizer:
 
   @classmethod
   def train(cls, texts: Iterable[str], *, vocab_size: int) -> 'SentencePieceTokenizer':
-    """Learns a vocabulary of `vocab_size` pieces from `texts`; raises ConfigError if it cannot."""
-    if vocab_size < SP_MIN_VOCAB_SIZE:
-      raise ConfigError(f'data.sp_vocab_size: {vocab_size} is too small; the byte-fallback model needs at '
-                        f'least {SP_MIN_VOCAB_SIZE} (use e.g. 8000)')
+    """Learns a vocabulary of `vocab_size` pieces (at least SP_MIN_VOCAB_SIZE, which the data config checks) from
+    `texts`; raises ConfigError if it cannot."""
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(

@@ -37,7 +37,6 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config over today's defaults, so keys added since it was written get their defaults (and
   keys removed since are dropped)."""
   config = defaults.base_config()
-  known = defaults.flatten(config.to_dict())
   try:
     saved = defaults.flatten(load_run_config(workdir).to_dict())
   except ConfigError:  # no config.json: not a run
@@ -46,7 +45,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'--workdir: {os.path.join(workdir, "config.json")} is damaged '
                       f'({checkpoint_lib.first_line(error)}); restore it from a copy (every checkpoint keeps one, '
                       'in checkpoints/STEP/config/metadata)') from None
-  config.update_from_flattened_dict({key: value for key, value in saved.items() if key in known})
+  config.update_from_flattened_dict({key: value for key, value in saved.items() if key in defaults.KEYS})
   return config
 
 

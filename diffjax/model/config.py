@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffjax.errors import ConfigError
+from diffjax.errors import ConfigError, Key, check_section
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
@@ -28,6 +28,11 @@ def lambda_init_for(layer, schedule=PAPER_LAMBDA_INIT):
   return deep - drop * (math.exp(-rate * layer) if isinstance(layer, int) else jnp.exp(-rate * layer))
 
 
+def _key(default, doc: str, **allowed):
+  """A field of ModelConfig declared as the run config's `model.*` key of the same name."""
+  return dataclasses.field(default=default, metadata={'key': Key(default, doc, **allowed)})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only language model.
@@ -37,50 +42,50 @@ class ModelConfig:
     baseline: `n_heads` heads of width `head_dim = d_model // n_heads`;
     diff_v1:  `n_heads // 2` differential heads, each two q/k sub-heads of `head_dim` and a value of 2*head_dim;
     diff_v2:  `2 * n_heads` query heads paired into `n_heads` differential heads, `n_kv_heads` k/v heads.
+  Each field is a key of the run config's `model` section; `identity=False` marks those that change how the model
+  is computed, not what it computes.
   """
-  vocab_size: int = 258
-  d_model: int = 512
-  n_layers: int = 8
-  n_heads: int = 8
-  n_kv_heads: int | None = None  # None: as many as n_heads (no GQA)
-  d_ff: int = 1792
-  max_len: int = 2048
-  variant: str = 'diff_v1'
-  attention_impl: str = 'auto'
-  rope_theta: float = 10000.0
-  rope_pairing: str = 'interleaved'
-  tie_embeddings: bool = False
-  dtype: str = 'bfloat16'  # compute dtype; parameters, softmax and λ stay float32
-  norm_eps: float = 1e-5
-  remat: bool = False  # recompute each block in the backward pass to save activation memory
-  # What a rematerialised block keeps from its forward pass: 'nothing' (all of it is recomputed) or 'dots' (the
-  # outputs of its weight matmuls, so the backward recomputes only norms, RoPE, attention and activations).
-  remat_policy: str = 'nothing'
-  # One block traced once and run by a loop over stacked per-layer parameters (`nn.scan`): compile time and the
-  # compiled program stop growing with depth. Parameters then carry a leading `layers` axis.
-  scan_layers: bool = False
-  # Residual-branch output projections (attention out_proj, FFN down_proj) start at N(0, 0.02/sqrt(2 n_layers))
-  # (GPT-2, Megatron) if True, at N(0, 0.02) like every other matrix (Hugging Face Llama and DiffLlama) if False.
-  scale_residual_init: bool = True
-  # A factor on that init: 0 starts every residual branch at exactly zero output, so at initialisation the stream is
-  # the token embeddings alone (the branches' projections still learn from the first step).
-  residual_init_gain: float = 1.0
-  # Token embeddings start at N(0, embed_init_std); with tie_embeddings the output layer shares them.
-  embed_init_std: float = 0.02
-  # DIFF V1's per-head RMSNorm has a learnable scale (the official code) if True, none (Hugging Face) if False.
-  subln_scale: bool = True
-  # Attention stays inside each document of a packed row: the train and eval steps pass the batch's segment ids
-  # (a new segment at each EOS) and a token attends only to earlier tokens of its own document. False: plain
-  # causal attention over the whole row, documents separated by EOS alone.
-  document_mask: bool = False
-  # DIFF V1's ablations (the paper's Table 6). False: no per-head RMSNorm, and so no (1 - λ_init) factor either,
-  # which the paper gives as that norm's fixed scale (the row "w/o GroupNorm").
-  diff_head_norm: bool = True
+  vocab_size: int = _key(258, 'vocabulary size, the width of the output layer', at_least=1)
+  d_model: int = _key(512, 'width E', at_least=1)
+  n_layers: int = _key(8, 'depth', at_least=1)
+  n_heads: int = _key(8, "heads counted as the baseline's: head width d = d_model / n_heads", at_least=1)
+  n_kv_heads: int | None = _key(None, "kv heads counted as the baseline's (GQA when fewer than n_heads); None: n_heads",
+                                kind=int, optional=True, at_least=1)
+  d_ff: int = _key(1792, 'SwiGLU hidden width', at_least=1)
+  max_len: int = _key(2048, 'the longest sequence the model accepts', at_least=1)
+  variant: str = _key('diff_v1', 'DIFF V1, DIFF V2 or the standard Transformer baseline', choices=VARIANTS)
+  attention_impl: str = _key('auto', "attention kernel; 'auto' takes splash on a TPU, cudnn on a GPU where it can "
+                             'run, else xla', choices=ATTENTION_IMPLS, identity=False)
+  rope_theta: float = _key(10000.0, 'RoPE base', above=0)
+  rope_pairing: str = _key('interleaved', 'RoPE rotates channels (0,1),(2,3)... (interleaved) or (i, i + d/2) (half)',
+                           choices=ROPE_PAIRINGS)
+  tie_embeddings: bool = _key(False, 'share the input embedding with the output projection')
+  dtype: str = _key('bfloat16', 'compute dtype; parameters, softmax, λ and the residual stream stay float32',
+                    choices=tuple(DTYPES))
+  norm_eps: float = _key(1e-5, 'RMSNorm epsilon', above=0)
+  remat: bool = _key(False, 'recompute each block in the backward pass, for less activation memory', identity=False)
+  remat_policy: str = _key('nothing', "with remat, what a block keeps: nothing, or dots (its weight matmuls' outputs)",
+                           choices=tuple(REMAT_POLICIES), identity=False)
+  # Parameters then carry a leading `layers` axis, so a checkpoint holds one layout or the other.
+  scan_layers: bool = _key(False, 'trace one block and loop it over stacked layers, so compile time stops growing '
+                           'with depth')
+  scale_residual_init: bool = _key(True, 'attention out_proj and FFN down_proj start at N(0, 0.02/sqrt(2 n_layers)) '
+                                   '(GPT-2); False: N(0, 0.02) (Llama)')
+  residual_init_gain: float = _key(1.0, 'a factor on the residual branches\' init; 0 starts each at zero output',
+                                   at_least=0)
+  embed_init_std: float = _key(0.02, 'token embeddings (and tied outputs) start at N(0, this)', above=0)
+  subln_scale: bool = _key(True, "DIFF V1's per-head RMSNorm has a learnable scale (the official code); False: none "
+                           '(Hugging Face)')
+  document_mask: bool = _key(False, 'attention stays inside each document of a packed row (documents end at EOS)')
+  diff_head_norm: bool = _key(True, "DIFF V1's per-head RMSNorm and its (1 - λ_init) scale; False: neither (the "
+                              "paper's w/o GroupNorm)")
   # λ_init(l) = lambda_init - lambda_init_drop * exp(-lambda_init_rate * l). Three numbers rather than one tuple:
   # JSON turns a tuple into a list, and a resumed run's saved config would then differ from its own.
-  lambda_init: float = PAPER_LAMBDA_INIT[0]  # the value deep layers approach
-  lambda_init_drop: float = PAPER_LAMBDA_INIT[1]  # how far below it layer 0 starts; 0: lambda_init in every layer
-  lambda_init_rate: float = PAPER_LAMBDA_INIT[2]  # how fast, per layer, the drop fades
+  lambda_init: float = _key(PAPER_LAMBDA_INIT[0], "DIFF V1's λ_init in deep layers: λ_init(l) = lambda_init - "
+                            'lambda_init_drop * exp(-lambda_init_rate * l)')
+  lambda_init_drop: float = _key(PAPER_LAMBDA_INIT[1], 'how far below lambda_init layer 0 starts; 0: lambda_init in '
+                                 'every layer')
+  lambda_init_rate: float = _key(PAPER_LAMBDA_INIT[2], 'how fast, per layer, the drop fades', at_least=0)
 
   @property
   def kv_heads(self) -> int:
@@ -101,58 +106,35 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, values) -> 'ModelConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(MODEL_KEYS))
     if unknown:
-      raise ConfigError(f'model.{unknown[0]}: unknown key; known keys are {", ".join(sorted(known))}')
+      raise ConfigError(f'model.{unknown[0]}: unknown key; known keys are {", ".join(sorted(MODEL_KEYS))}')
     return cls(**dict(values)).validated()
 
   def validated(self) -> 'ModelConfig':
     """Returns self, or raises ConfigError naming the first bad key and its fix."""
-    def need(ok, key, message):
-      if not ok:
+    check_section('model', MODEL_KEYS, self)
+    diff_v1 = self.variant == 'diff_v1'
+    schedule = [lambda_init_for(layer, self.lambda_init_schedule) for layer in range(self.n_layers)]
+    highest = max(range(self.n_layers), key=schedule.__getitem__)
+    for failed, key, message in (
+        (self.d_model % self.n_heads, 'd_model',
+         f'{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple of n_heads'),
+        (self.n_heads % self.kv_heads, 'n_kv_heads',
+         f'{self.kv_heads} does not divide model.n_heads={self.n_heads}; use a divisor of n_heads'),
+        (diff_v1 and self.n_heads % 2, 'n_heads',
+         f'diff_v1 pairs the baseline heads into n_heads/2 differential heads, so n_heads={self.n_heads} must be even'),
+        (diff_v1 and self.kv_heads % 2, 'n_kv_heads',
+         f'diff_v1 pairs kv heads too, so n_kv_heads={self.kv_heads} must be even'),
+        (self.head_dim % 2, 'd_model', f'head width d_model/n_heads={self.d_model}/{self.n_heads} is odd; RoPE '
+         'rotates pairs of channels, so make it even'),
+        (diff_v1 and self.diff_head_norm and schedule[highest] >= 1.0, 'lambda_init',
+         f'λ_init reaches {schedule[highest]:.4g} at layer {highest}, where the output scale (1 - λ_init) would be '
+         'zero or negative; keep λ_init below 1 in every layer')):
+      if failed:
         raise ConfigError(f'model.{key}: {message}')
-
-    need(self.variant in VARIANTS, 'variant', f'unknown variant {self.variant!r}; use one of {", ".join(VARIANTS)}')
-    need(self.attention_impl in ATTENTION_IMPLS, 'attention_impl',
-         f'unknown implementation {self.attention_impl!r}; use one of {", ".join(ATTENTION_IMPLS)}')
-    need(self.rope_pairing in ROPE_PAIRINGS, 'rope_pairing',
-         f'unknown pairing {self.rope_pairing!r}; use one of {", ".join(ROPE_PAIRINGS)}')
-    need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
-         f'unknown policy {self.remat_policy!r}; use one of {", ".join(REMAT_POLICIES)}')
-    need(self.dtype in DTYPES, 'dtype', f'unknown dtype {self.dtype!r}; use one of {", ".join(DTYPES)}')
-    for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'max_len'):
-      need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key,
-           f'must be a positive integer, got {getattr(self, key)!r}')
-    need(self.kv_heads > 0, 'n_kv_heads', f'must be a positive integer, got {self.n_kv_heads!r}')
-    need(self.rope_theta > 0, 'rope_theta', f'must be positive, got {self.rope_theta}')
-    need(self.norm_eps > 0, 'norm_eps', f'must be positive, got {self.norm_eps}')
-    need(self.embed_init_std > 0, 'embed_init_std', f'must be positive, got {self.embed_init_std}')
-    need(self.residual_init_gain >= 0, 'residual_init_gain', f'must be zero or positive, got {self.residual_init_gain}')
-    need(self.d_model % self.n_heads == 0, 'd_model',
-         f'{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple of n_heads')
-    need(self.n_heads % self.kv_heads == 0, 'n_kv_heads',
-         f'{self.kv_heads} does not divide model.n_heads={self.n_heads}; use a divisor of n_heads')
-    if self.variant == 'diff_v1':
-      need(self.n_heads % 2 == 0, 'n_heads',
-           f'diff_v1 pairs the baseline heads into n_heads/2 differential heads, so n_heads={self.n_heads} '
-           'must be even')
-      need(self.kv_heads % 2 == 0, 'n_kv_heads',
-           f'diff_v1 pairs kv heads too, so n_kv_heads={self.kv_heads} must be even')
-    need(self.head_dim % 2 == 0, 'd_model',
-         f'head width d_model/n_heads={self.d_model}/{self.n_heads} is odd; RoPE rotates pairs of channels, '
-         'so make it even')
-    need(isinstance(self.diff_head_norm, bool), 'diff_head_norm', f'must be True or False, got {self.diff_head_norm!r}')
-    for key in ('lambda_init', 'lambda_init_drop', 'lambda_init_rate'):
-      value = getattr(self, key)
-      need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
-           f'must be a finite number, got {value!r}')
-    need(self.lambda_init_rate >= 0, 'lambda_init_rate',
-         f'must be zero or positive (a negative rate makes λ_init fall without bound with depth), '
-         f'got {self.lambda_init_rate}')
-    if self.variant == 'diff_v1' and self.diff_head_norm:
-      highest = max(range(self.n_layers), key=lambda layer: lambda_init_for(layer, self.lambda_init_schedule))
-      value = lambda_init_for(highest, self.lambda_init_schedule)
-      need(value < 1.0, 'lambda_init', f'λ_init reaches {value:.4g} at layer {highest}, where the output scale '
-           '(1 - λ_init) would be zero or negative; keep λ_init below 1 in every layer')
     return self
+
+
+# The `model.*` keys of the run config, declared on ModelConfig's fields.
+MODEL_KEYS = {field.name: field.metadata['key'] for field in dataclasses.fields(ModelConfig)}

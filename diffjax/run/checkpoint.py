@@ -30,12 +30,6 @@ from diffjax.errors import ConfigError, SaveError
 from diffjax.run import defaults
 
 ITEMS = ('state', 'data', 'config', 'checksums')
-# Keys whose change makes a workdir's checkpoints belong to another run, except those that only say how or where
-# the same model and data are computed and read.
-RUN_IDENTITY = ('model', 'data', 'train.seq_len')
-# How a run computes or reads, not what it computes or reads: changing these resumes the same run.
-NOT_IDENTITY = ('model.attention_impl', 'model.remat', 'model.remat_policy', 'data.data_dir', 'data.read_threads',
-                'data.prefetch_batches', 'data.max_undecodable_fraction')
 # Orbax renames steps beyond `keep` into this subdirectory (one atomic rename), where they are deleted.
 DELETING = '.deleting'
 
@@ -289,21 +283,16 @@ def first_line(error: Exception) -> str:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """`key: saved -> current` for every run-identity key that differs between two config dicts.
+  """`key: saved -> current` for every run-identity key (`defaults.IDENTITY`) that differs between two config dicts.
 
   A key only one side has (added to or removed from diffjax since the run started) is not a difference.
   """
-  old, new = _resolved(defaults.flatten(saved)), _resolved(defaults.flatten(current))
-  keys = sorted(k for k in set(old) & set(new)
-                if any(k == p or k.startswith(p + '.') for p in RUN_IDENTITY) and k not in NOT_IDENTITY)
-  return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old[k] != new[k]]
+  def identity(config):
+    flat = defaults.flatten({**config, 'model': defaults.resolved_model(config.get('model', {}))})
+    return {key: value for key, value in flat.items() if key in defaults.IDENTITY}
 
-
-def _resolved(flat: dict) -> dict:
-  """A flat config with its placeholders spelled out: `model.n_kv_heads` 0 (or None) means n_heads, the same model."""
-  if flat.get('model.n_kv_heads') in (0, None) and 'model.n_heads' in flat:
-    flat = {**flat, 'model.n_kv_heads': flat['model.n_heads']}
-  return flat
+  old, new = identity(saved), identity(current)
+  return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in sorted(set(old) & set(new)) if old[k] != new[k]]
 
 
 def param_shapes(state_dir: str) -> dict[str, tuple]:

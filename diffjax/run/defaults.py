@@ -1,72 +1,86 @@
-"""Every config key with its default. Files in `configs/` start from `base_config()` and change what they need."""
-
-import dataclasses
+"""The run config's schema: every key, declared once with its default, the values it allows, whether it is part of
+the run's identity and one line saying what it does. The base config, the checks of single values, the identity a
+resumed run must keep and the `--help` listing all derive from it. Files in `configs/` start from `base_config()`
+and change what they need; cross-key checks live in `diffjax.train.validate`."""
 
 import ml_collections
 
-from diffjax.model.config import ModelConfig
+from diffjax.data.pipeline import DATA_KEYS
+from diffjax.errors import Key, check_section, config_section
+from diffjax.model.config import MODEL_KEYS, ModelConfig
 
 
-def base_config() -> ml_collections.ConfigDict:
-  from diffjax.data.pipeline import default_data_config  # the data pipeline owns its keys
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+def setting(default, doc: str, **allowed) -> Key:
+  """A key that says how a run trains, saves or logs, not what model and data it is: a resumed run may change it."""
+  return Key(default, doc, identity=False, **allowed)
 
-  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
-  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
-  c.model.n_kv_heads = 0  # 0: as many as n_heads (no GQA)
 
-  c.data = default_data_config()
+# Two model keys are placeholders in the run config, which `resolved_model` spells out.
+PLACEHOLDERS = {'vocab_size': Key(0, "0: the tokenizer's vocabulary rounded up to a multiple of 128", at_least=0),
+                'n_kv_heads': Key(0, "kv heads counted as the baseline's (GQA when fewer than n_heads); 0: n_heads",
+                                  at_least=0)}
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seq_len = 2048
-  c.train.global_batch_size = 8  # sequences per optimizer step, over all devices
-  c.train.microbatches = 1  # gradient accumulation: the batch is split into this many sequential pieces
-  c.train.steps = 10_000
-  c.train.learning_rate = 6e-4
-  c.train.warmup_steps = 120
-  c.train.decay = 'cosine'  # cosine | linear | constant
-  c.train.end_lr_ratio = 0.1  # final learning rate as a fraction of the peak
-  # The step by which the decay ends; the learning rate then holds at its final value. 0: train.steps. Extending a
-  # run past its train.steps keeps its schedule only with this set to the old train.steps.
-  c.train.decay_steps = 0
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.eps = 1e-8
-  c.train.weight_decay = 0.1
-  c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
-  c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss
-  # 0: the loss from full logits; N: from N tokens' logits at a time (diffjax.model.losses)
-  c.train.loss_chunk_tokens = 0
-  c.train.opt_moments_dtype = 'float32'  # float32 | bfloat16: how Adam's first moment is stored between steps
-  c.train.on_nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
-  c.train.check_memory = True  # refuse a run whose estimated memory does not fit (diffjax.train.preflight)
-
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the remaining devices
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
-  c.checkpoint.init_from = ''  # a checkpoint directory (or a workdir) whose parameters start this run
-  c.checkpoint.allow_config_change = False  # resume even if the workdir's run had another model/data config
-
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 10
-  c.log.eval_every_steps = 500
-  c.log.eval_batches = 16
-  c.log.progress_bar = True
-  c.log.peak_flops_per_device = 0.0  # 0: looked up from the device kind (for MFU)
-  # A jax.profiler trace of steps [profile_start_step, profile_start_step + profile_steps) goes to WORKDIR/profile
-  # (TensorBoard's profile plugin and Perfetto read it; launch/profile_summary.py prints the top device ops).
-  c.log.profile_start_step = 0  # 0: no trace
-  c.log.profile_steps = 5
-  c.log.wandb_project = ''  # a Weights & Biases project to log to as well (pip install -e ".[wandb]"); '': none
-  c.log.sample_prompt = 'def '
-  c.log.sample_tokens = 200
-  c.log.sample_temperature = 0.8
-  c.lock()  # a config file that sets a key diffjax does not have fails as it loads, naming the key
-  return c
+SCHEMA = {
+    'seed': setting(0, 'parameter init and data order'),
+    'model': {**MODEL_KEYS, **PLACEHOLDERS},
+    'data': DATA_KEYS,
+    'train': {
+        'seq_len': Key(2048, 'tokens per sequence', at_least=1),
+        'global_batch_size': setting(8, 'sequences per optimizer step, over all devices', at_least=1),
+        'microbatches': setting(1, 'gradient accumulation: the step runs the batch in this many sequential pieces',
+                                at_least=1),
+        'steps': setting(10_000, 'optimizer steps', at_least=1),
+        'learning_rate': setting(6e-4, 'peak learning rate, after a linear warmup from 0', above=0),
+        'warmup_steps': setting(120, 'steps of linear warmup', at_least=0),
+        'decay': setting('cosine', 'how the rate decays after the warmup', choices=('cosine', 'linear', 'constant')),
+        'end_lr_ratio': setting(0.1, 'the final learning rate as a fraction of the peak', at_least=0, at_most=1),
+        # Extending a run past its train.steps keeps its schedule only with this set to the old train.steps.
+        'decay_steps': setting(0, 'the step the decay ends at, the rate then held (0: train.steps)', at_least=0),
+        'b1': setting(0.9, "AdamW's beta1", at_least=0, below=1),
+        'b2': setting(0.95, "AdamW's beta2", at_least=0, below=1),
+        'eps': setting(1e-8, "AdamW's epsilon", above=0),
+        'weight_decay': setting(0.1, 'AdamW weight decay, of matrices only (never norm scales or λ vectors)',
+                                at_least=0),
+        'grad_clip': setting(1.0, 'global-norm gradient clipping (0: off)', at_least=0),
+        'z_loss': setting(0.0, 'weight of the log(Z)^2 auxiliary loss', at_least=0),
+        'loss_chunk_tokens': setting(0, "0: the loss from the full logits; N: N tokens' logits at a time, recomputed "
+                                     'backward', at_least=0),
+        'opt_moments_dtype': setting('float32', "how Adam's first moment is stored between steps (the second stays "
+                                     'float32)', choices=('float32', 'bfloat16')),
+        'on_nonfinite': setting('stop', 'a non-finite loss or gradient stops the run, or skips the step',
+                                choices=('stop', 'skip')),
+        'check_memory': setting(True, 'refuse, before anything is written, a run whose step cannot fit in memory'),
+    },
+    'mesh': {  # diffjax.model.sharding.mesh_shape checks the sizes against each other and the devices
+        'data': setting(-1, 'data-parallel mesh axis size; -1: the remaining devices'),
+        'fsdp': setting(1, 'fully sharded data-parallel mesh axis size; -1: the remaining devices'),
+        'tensor': setting(1, 'tensor-parallel mesh axis size; -1: the remaining devices'),
+    },
+    'checkpoint': {
+        'every_steps': setting(500, 'steps between checkpoints', at_least=1),
+        'keep': setting(3, 'how many checkpoints to keep', at_least=1),
+        'async_save': setting(True, 'save checkpoints in the background'),
+        'init_from': setting('', "start from another run's parameters: its workdir, checkpoints folder or one step",
+                             optional=True),
+        'allow_config_change': setting(False, 'resume a workdir whose run had another model or data config'),
+    },
+    'log': {
+        'every_steps': setting(10, 'steps between metric lines', at_least=1),
+        'eval_every_steps': setting(500, 'steps between validations', at_least=1),
+        'eval_batches': setting(16, 'batches per validation', at_least=1),
+        'progress_bar': setting(True, 'show a progress bar with ETA'),
+        'peak_flops_per_device': setting(0.0, 'peak FLOP/s of a device, for MFU; 0: looked up from the device kind',
+                                         at_least=0),
+        'profile_start_step': setting(0, 'the step a jax.profiler trace into WORKDIR/profile starts at; 0: none',
+                                      at_least=0),
+        'profile_steps': setting(5, 'how many steps the trace covers', at_least=1),
+        'wandb_project': setting('', 'also log to this Weights & Biases project (pip install -e ".[wandb]")',
+                                 optional=True),
+        'sample_prompt': setting('def ', 'the prompt of the sample printed at the end', optional=True),
+        'sample_tokens': setting(200, 'how many tokens that sample continues it by', at_least=0),
+        'sample_temperature': setting(0.8, "that sample's temperature", at_least=0),
+    },
+}
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -80,12 +94,43 @@ def flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+# {'section.key': Key} of every key of the run config.
+KEYS = flatten(SCHEMA)
+# What makes a workdir's checkpoints belong to one run: its model, its data and its sequence length.
+IDENTITY = frozenset(name for name, key in KEYS.items() if key.identity)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict({name: config_section(keys) if isinstance(keys, dict) else keys.initial()
+                                 for name, keys in SCHEMA.items()})
+  c.lock()  # a config file that sets a key diffjax does not have fails as it loads, naming the key
+  return c
+
+
+def check_values(config: ml_collections.ConfigDict):
+  """Checks each value the run owns against its key; ModelConfig and the data pipeline check the rest."""
+  for name, keys in SCHEMA.items():
+    if isinstance(keys, Key):
+      keys.check(name, config[name])
+    elif name not in ('model', 'data'):
+      check_section(name, keys, config[name])
+  check_section('model', PLACEHOLDERS, config.model)
+
+
+def resolved_model(values: dict, vocab_size: int | None = None) -> dict:
+  """`model.*` values with the placeholders spelled out: n_kv_heads 0 (or None) is n_heads, and vocab_size 0 is the
+  tokenizer's `vocab_size` rounded up to a multiple of 128 (left 0 where no tokenizer is given)."""
+  values = dict(values)
+  if not values.get('n_kv_heads') and 'n_heads' in values:
+    values['n_kv_heads'] = values['n_heads']
+  if not values.get('vocab_size') and vocab_size:
+    values['vocab_size'] = -(-vocab_size // 128) * 128
+  return values
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """The validated ModelConfig of a run, with the 0 placeholders resolved."""
-  values = config.model.to_dict()
-  values['vocab_size'] = values['vocab_size'] or -(-vocab_size // 128) * 128
-  values['n_kv_heads'] = values['n_kv_heads'] or None
-  return ModelConfig.from_dict(values)
+  """The validated ModelConfig of a run whose tokenizer has `vocab_size` tokens."""
+  return ModelConfig.from_dict(resolved_model(config.model.to_dict(), vocab_size))
 
 
 # The paper's scaling runs (layers, width, DIFF heads; the baseline has twice the heads). The facts sheet gives no
