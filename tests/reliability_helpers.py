@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,6 +67,13 @@ def steps(workdir) -> list[int]:
 
 def nonempty_lines(text: str) -> list[str]:
   return [line for line in text.splitlines() if line.strip()]
+
+
+def run_command(module: str, *args, timeout: float = 240) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """`python -m diffjax.MODULE ARGS` from the repository root: the finished process and its non-empty stderr lines."""
+  result = subprocess.run([sys.executable, '-m', f'diffjax.{module}', *args], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+  return result, nonempty_lines(result.stderr)
 
 
 def reader():

@@ -5,8 +5,6 @@ command refuses an index out of range and an output folder it cannot write to, i
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -155,9 +153,7 @@ def run(tmp_path_factory):
 
 
 def cli(workdir, *args):
-  result = subprocess.run([sys.executable, '-m', 'diffjax.attention_maps', f'--workdir={workdir}', '--prompt=ab',
-                           *args], cwd=rh.REPO, env=rh.env(), capture_output=True, text=True, timeout=240)
-  return result, [line for line in result.stderr.splitlines() if line.strip()]
+  return rh.run_command('attention_maps', f'--workdir={workdir}', '--prompt=ab', *args)
 
 
 @pytest.mark.parametrize('layer', [2, -3, 99])

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import pytest
@@ -159,9 +158,7 @@ def test_training_refuses_a_damaged_cached_tokenizer_and_says_a_new_one_is_train
 # -- the command-line entry points ------------------------------------------------------------------------------
 
 def _cli(module, *args):
-  result = subprocess.run([sys.executable, '-m', f'diffjax.{module}', *args], cwd=rh.REPO, env=rh.env(),
-                          capture_output=True, text=True, timeout=240)
-  return result, [line for line in result.stderr.splitlines() if line.strip()]
+  return rh.run_command(module, *args)
 
 
 @pytest.mark.parametrize('module, damaged, damage', [

@@ -5,8 +5,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -97,9 +95,7 @@ def test_text_rows_predict_every_token_once():
 
 
 def cli(module, *args):
-  result = subprocess.run([sys.executable, '-m', f'diffjax.{module}', *args], cwd=rh.REPO, env=rh.env(),
-                          capture_output=True, text=True, timeout=240)
-  return result, [line for line in result.stderr.splitlines() if line.strip()]
+  return rh.run_command(module, *args)
 
 
 def test_evaluate_scores_any_text(run, tmp_path):

@@ -3,8 +3,6 @@ and the command runs end to end on a trained run; the Colab notebook runs on tha
 
 import json
 import re
-import subprocess
-import sys
 
 import matplotlib
 import numpy as np
@@ -121,9 +119,7 @@ def test_bad_arguments_are_one_line_errors(call, message):
 
 
 def cli(*args):
-  result = subprocess.run([sys.executable, '-m', 'diffjax.needles', *args], cwd=rh.REPO, env=rh.env(),
-                          capture_output=True, text=True, timeout=240)
-  return result, [line for line in result.stderr.splitlines() if line.strip()]
+  return rh.run_command('needles', *args)
 
 
 @pytest.mark.slow

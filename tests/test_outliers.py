@@ -2,8 +2,6 @@
 logit quantizer reaches every layer's logits and nothing else, and the command measures trained runs end to end."""
 
 import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -137,9 +135,7 @@ def runs(tmp_path_factory):
 
 
 def cli(*args):
-  result = subprocess.run([sys.executable, '-m', 'diffjax.outliers', *args], cwd=rh.REPO, env=rh.env(),
-                          capture_output=True, text=True, timeout=300)
-  return result, [line for line in result.stderr.splitlines() if line.strip()]
+  return rh.run_command('outliers', *args, timeout=300)
 
 
 @pytest.mark.slow
