@@ -17,8 +17,8 @@ For each arm it reports the gap of its final validation loss to the reference ar
 positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, as a
 table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm).
 
-Rerunning the same command skips finished runs and resumes unfinished ones from their checkpoints, so a comparison
-can finish over several invocations (`--max_runs` bounds one); arms and seeds may be added later. A command that
+Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
+resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs` bounds one); arms and seeds may be added later. A command that
 would train a run of ROOT with another config, or against another reference arm, is refused. SIGTERM or Ctrl-C
 stops the runs at a saved step.
 """
@@ -127,8 +127,10 @@ class Run:
     return os.path.basename(self.workdir)
 
   def finished(self) -> bool:
-    """Its last step is saved (the trainer evaluates before it saves, so its final validation is logged too)."""
-    return self.config.train.steps in checkpoint_lib.completed_steps(os.path.join(self.workdir, 'checkpoints'))
+    """Its final validation is logged: that is the run's result, so a finished run's checkpoints may be deleted to
+    free the disk (or left behind on another machine) and it still counts, untrained again."""
+    return any(record.get('step') == self.config.train.steps and 'eval_loss' in record
+               for record in metrics.read_records(self.workdir))
 
   def command(self, config_file: str) -> list[str]:
     return [sys.executable, '-m', 'diffjax.train', f'--config={config_file}', f'--workdir={self.workdir}',

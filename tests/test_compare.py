@@ -217,8 +217,13 @@ def test_a_comparison_resumes_over_invocations_and_reports_every_run(tmp_path):
   assert 'diff_v1_nonorm is ' in first.stdout  # seed 0 is paired already
   assert 'step ' in first.stdout  # the runs' own progress
   assert not (runs / 'baseline_seed1').exists()
-  # diff_v1_nonorm seed 0 loses its last checkpoint, as if killed after step 8: the next invocation continues it.
+  # diff_v1_nonorm seed 0 loses its last checkpoint and the records after step 8, as if killed after step 8: the next
+  # invocation continues it. baseline seed 0 loses all its checkpoints: its logged result still makes it finished.
   shutil.rmtree(runs / 'diff_v1_nonorm_seed0' / 'checkpoints' / '12')
+  killed = runs / 'diff_v1_nonorm_seed0' / 'metrics.jsonl'
+  killed.write_text(''.join(line for line in killed.read_text().splitlines(keepends=True)
+                            if json.loads(line)['step'] <= 8))
+  shutil.rmtree(runs / 'baseline_seed0' / 'checkpoints')
   finished_log = (runs / 'baseline_seed0' / 'train.log').read_text()
   assert f'parameters from {runs / "init" / "baseline_seed0"}' in finished_log
 
