@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from absl import flags, logging
 
 from diffjax.errors import ConfigError, NonFiniteError, SaveError
+from diffjax.infer import load
 from diffjax.train import workdir
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
@@ -176,11 +177,26 @@ def writing(path: str, flag: str):
                       f'with {flag}=DIR') from None
 
 
-def write_report(report: dict, out: str, stem: str, plot) -> tuple[str, str]:
-  """Writes OUT/STEM.json and, through `plot(report, path)`, OUT/STEM.png; returns their paths."""
+def required(flag_holder, what: str):
+  """The flag's value, or a ConfigError saying what to give where it is unset or empty."""
+  if not flag_holder.value:
+    raise ConfigError(f'--{flag_holder.name} is required: {what}')
+  return flag_holder.value
+
+
+def compare_runs(workdirs: list[str], out: str, stem: str, report: dict, measure, plot, tables):
+  """What the commands that compare runs share: each run's `measure(workdir, cfg, params, tokenizer)` (a dict)
+  joins report['runs'] beside the run's name, then OUT/STEM.json and, through `plot(report, path)`, OUT/STEM.png are
+  written and `tables(report)` printed with their paths."""
+  for workdir in map(os.path.abspath, workdirs):
+    cfg, params, tokenizer, step = load.open_run(workdir)
+    report['runs'].append({'workdir': workdir, 'variant': cfg.variant, 'step': step,
+                           'label': f'{os.path.basename(workdir)} ({cfg.variant}, step {step})',
+                           **measure(workdir, cfg, params, tokenizer)})
   json_path, png_path = os.path.join(out, f'{stem}.json'), os.path.join(out, f'{stem}.png')
   with writing(json_path, '--out'), open(json_path, 'w') as f:
     json.dump(report, f, indent=2)
   with writing(png_path, '--out'):
     plot(report, png_path)
-  return json_path, png_path
+  print(tables(report))
+  print(f'\n{json_path}\n{png_path}')
