@@ -48,11 +48,6 @@ def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
   return rotated.astype(x_BxTxNxD.dtype)
 
 
-def _causal_softmax(logits_xTxS, visible_xTxS):
-  """float32 softmax over the last axis; keys outside `visible` (broadcast against the logits) get no weight."""
-  return jax.nn.softmax(jnp.where(visible_xTxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
-
-
 def recording(module: nn.Module) -> bool:
   """Whether `module` sows what analysis reads: only where a caller made 'intermediates' mutable, never while the
   parameters are created, so training and state creation trace none of it."""
@@ -146,26 +141,23 @@ def same_document(segment_ids_BxT, segment_ids_BxS=None):
   return segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
 
 
-def _einsum_mask(visible_BxTxS, segment_ids_BxT, t: int, s: int):
-  """The mask of the einsum path, (B or 1, T, S): the cache's, else causal (query t sees keys s <= t), within
-  documents when segment ids are given."""
-  if visible_BxTxS is not None:
-    return visible_BxTxS
-  causal_1xTxS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])[None]
-  return causal_1xTxS if segment_ids_BxT is None else causal_1xTxS & same_document(segment_ids_BxT)
-
-
 def _einsum_attention(logits_spec: str, out_spec: str, q, k, v, visible_BxTxS, segment_ids_BxT, observer, maps):
   """The einsum path of both attention functions, returned float32 as `out_spec` lays it out. `logits_spec` gives
   (B, ..., T, S), whose axes between B and T flatten to the query heads N; the observer records `maps(probs)` of the
-  (B, N, T, S) softmax maps."""
+  (B, N, T, S) softmax maps. The mask is the cache's `visible_BxTxS`, else causal (query t sees keys s <= t), within
+  documents when segment ids are given."""
   logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32)
   b, t, s = logits.shape[0], logits.shape[-2], logits.shape[-1]
-  visible_Bx1xTxS = _einsum_mask(visible_BxTxS, segment_ids_BxT, t, s)[:, None]
+  if visible_BxTxS is None:
+    visible_BxTxS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])[None]
+    if segment_ids_BxT is not None:
+      visible_BxTxS = visible_BxTxS & same_document(segment_ids_BxT)
+  visible_Bx1xTxS = visible_BxTxS[:, None]
   scaled_BxNxTxS = (logits * q.shape[-1] ** -0.5).reshape(b, -1, t, s)
   if observer is not None:
     scaled_BxNxTxS = observer.attention_logits(scaled_BxNxTxS, visible_Bx1xTxS)
-  probs_BxNxTxS = _causal_softmax(scaled_BxNxTxS, visible_Bx1xTxS)
+  # Keys a query cannot see get no weight; the softmax is float32 whatever the compute dtype.
+  probs_BxNxTxS = jax.nn.softmax(jnp.where(visible_Bx1xTxS, scaled_BxNxTxS.astype(jnp.float32), _MASKED), axis=-1)
   if observer is not None and recording(observer):
     for name, value in maps(probs_BxNxTxS).items():
       observer.sow('intermediates', name, value)
