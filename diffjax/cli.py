@@ -1,6 +1,8 @@
 """What the command-line entry points share: one-line errors, flag parsing, the help, and writing their output."""
 
 import contextlib
+import difflib
+import itertools
 import json
 import logging as std_logging
 import os
@@ -16,6 +18,8 @@ import tensorflow_datasets as tfds
 from absl import flags, logging
 
 from diffjax.errors import ConfigError, NonFiniteError, SaveError
+from diffjax.infer import load
+from diffjax.run import defaults
 from diffjax.train import workdir
 
 DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
@@ -94,14 +98,54 @@ def parse_flags(argv: list[str]) -> list[str]:
   if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
     print(_help())
     sys.exit(0)  # absl exits 1 after its help, which scripts and CI take for a failure
+  problem = _config_flag_problem(argv[1:])
+  if problem:
+    _fail(problem, debug)
   try:
     remaining = flags.FLAGS(argv)
   except Exception as error:  # whatever the parser raises, the cause is on the command line or in the config file
-    _fail(_flag_error(error, argv), debug)
+    _fail(_flag_error(error), debug)
   if len(remaining) > 1:  # no command takes positional arguments: a stray word is a mistake, never to be ignored
     _fail(f'{remaining[1]}: unexpected argument; this command takes --name=value flags only (quote a value that '
           "holds spaces, e.g. --prompt='def main'); see --helpfull for the flags", debug)
   return remaining
+
+
+def _config_file_flags() -> set[str]:
+  return {name for name in flags.FLAGS if hasattr(type(flags.FLAGS[name]), 'config_filename')}
+
+
+def _config_flag_problem(args: list[str]) -> str | None:
+  """What the command line gets wrong about a run config, checked against the schema before ml_collections sees it
+  (which fails on a missing file or an unknown key with a traceback): a `--config=PATH` that is no file, or a
+  `--config.KEY=VALUE` whose KEY the run config does not have."""
+  names = _config_file_flags()
+  for arg in itertools.takewhile(lambda arg: arg != '--', args):
+    flag, has_value, value = arg.lstrip('-').partition('=')
+    name, _, key = flag.partition('.')
+    if key and name not in names and name.startswith('no'):  # --noconfig.KEY sets a bool key to False
+      name = name[2:]
+    if not arg.startswith('-') or name not in names:
+      continue
+    path = value.split(':', 1)[0]  # --config=FILE:ARGUMENT passes ARGUMENT to the file's get_config
+    if not key and has_value and not os.path.isfile(path):
+      return f'--{name}: cannot load the config file (no file {path!r}); give one such as configs/tiny.py'
+    if key and key not in defaults.KEYS:
+      return _unknown_key(key)
+  return None
+
+
+def _unknown_key(key: str, where: str = '') -> str:
+  """`KEY: unknown config key (did you mean ...?)`, suggesting a section where KEY's is none of the run config's,
+  else a key of its section (of any section for a KEY without one: a config file's error names no section)."""
+  split = [name.rpartition('.') for name in defaults.KEYS]
+  section, _, leaf = key.rpartition('.')
+  sections = {s for s, _, _ in split}
+  wrong, candidates = ((section, sections) if section and section not in sections else
+                       (leaf, [name for s, _, name in split if s == section or not section]))
+  close = difflib.get_close_matches(wrong, candidates, 1, 0.75)
+  suggestion = f' (did you mean {close[0]}?)' if close else ''
+  return f'{key}: unknown config key{where}{suggestion}; see the config keys in README.md'
 
 
 def _help() -> str:
@@ -109,8 +153,7 @@ def _help() -> str:
   default and what it does."""
   main = sys.modules['__main__']
   parts = [(main.__doc__ or '').strip(), flags.FLAGS.main_module_help().strip(), flags.FLAGS.module_help(__name__)]
-  if 'config' in flags.FLAGS and hasattr(type(flags.FLAGS['config']), 'config_filename'):  # a config file flag
-    from diffjax.run import defaults  # pylint: disable=import-outside-toplevel  (only this help needs the schema)
+  if 'config' in _config_file_flags():
     width = max(map(len, defaults.KEYS))
     parts.append('config keys, set as --config.KEY=VALUE (defaults of diffjax/run/defaults.py; a config file may '
                  'change them):\n' + '\n'.join(f'  {name:<{width}}  {key.default!r}\n      {key.doc}'
@@ -118,20 +161,12 @@ def _help() -> str:
   return '\n\n'.join(part for part in parts if part)
 
 
-def _flag_error(error: Exception, argv: list[str]) -> str:
+def _flag_error(error: Exception) -> str:
   text = str(error)
-  overrides = [match[1] for match in (re.match(r'--\w+\.([\w.]+)', arg) for arg in argv) if match]
-  name = re.search(r'Key "(\w+)"', text) or re.search(r"'(\w+)\\?'", text)
-  key = next((path for path in overrides if name and name[1] in path.split('.')), None)
-  hint = re.search(r'Did you mean "([\w.]+)"', text)
-  suggestion = f' (did you mean {hint[1]}?)' if hint else ''
-  if isinstance(error, (AttributeError, KeyError)) and key:  # ml_collections: `--config.KEY` names no key
-    return f'{key}: unknown config key{suggestion}; see the config keys in README.md'
-  if isinstance(error, AttributeError) and 'cannot be added since the config is locked' in text:
-    return f'{name[1]}: unknown config key set in the config file{suggestion}; see the config keys in README.md'
-  missing = re.search(r'Failed loading config file (\w+)_config', text)
-  if isinstance(error, OSError) and missing:  # ml_collections: a `--config` file that is not there
-    return _config_file_error(missing[1], error)
+  # A config file that sets a key the locked base config lacks: ml_collections names the key in its message only.
+  locked = re.search(r'Key "(\w+)" does not exist and cannot be added since the config is locked', text)
+  if locked:
+    return _unknown_key(locked[1], ' set in the config file')
   # absl's message starts with the flag; a config file that raised ends with the exception.
   lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
   summary = lines[0] + (f' ... {lines[-1]}' if len(lines) > 1 else '')
@@ -141,18 +176,15 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
 
 
 def config_value(config_flag) -> ml_collections.ConfigDict:
-  """The value of a DEFINE_config_file flag; a file that could not be read fails here, as a ConfigError."""
+  """The value of a DEFINE_config_file flag; a file that raised OSError as it loaded fails here, as a ConfigError."""
   config = config_flag.value
   try:
-    config.keys()  # ml_collections defers a missing file's error to the first use
+    config.keys()  # ml_collections defers such a file's error to the first use, chaining the error it had
   except OSError as error:
-    raise ConfigError(_config_file_error(config_flag.name, error)) from None
+    reason = [line.strip() for line in str(error.__cause__ or error).splitlines() if line.strip()][-1]
+    raise ConfigError(f'--{config_flag.name}: cannot load the config file ({reason}); give one such as '
+                      'configs/tiny.py') from None
   return config
-
-
-def _config_file_error(flag: str, error: OSError) -> str:
-  reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-  return f'--{flag}: cannot load the config file ({reason}); give one such as configs/tiny.py'
 
 
 # -- what the commands write ------------------------------------------------------------------------------------
@@ -176,11 +208,26 @@ def writing(path: str, flag: str):
                       f'with {flag}=DIR') from None
 
 
-def write_report(report: dict, out: str, stem: str, plot) -> tuple[str, str]:
-  """Writes OUT/STEM.json and, through `plot(report, path)`, OUT/STEM.png; returns their paths."""
+def required(flag_holder, what: str):
+  """The flag's value, or a ConfigError saying what to give where it is unset or empty."""
+  if not flag_holder.value:
+    raise ConfigError(f'--{flag_holder.name} is required: {what}')
+  return flag_holder.value
+
+
+def compare_runs(workdirs: list[str], out: str, stem: str, report: dict, measure, plot, tables):
+  """What the commands that compare runs share: each run's `measure(workdir, cfg, params, tokenizer)` (a dict)
+  joins report['runs'] beside the run's name, then OUT/STEM.json and, through `plot(report, path)`, OUT/STEM.png are
+  written and `tables(report)` printed with their paths."""
+  for workdir in map(os.path.abspath, workdirs):
+    cfg, params, tokenizer, step = load.open_run(workdir)
+    report['runs'].append({'workdir': workdir, 'variant': cfg.variant, 'step': step,
+                           'label': f'{os.path.basename(workdir)} ({cfg.variant}, step {step})',
+                           **measure(workdir, cfg, params, tokenizer)})
   json_path, png_path = os.path.join(out, f'{stem}.json'), os.path.join(out, f'{stem}.png')
   with writing(json_path, '--out'), open(json_path, 'w') as f:
     json.dump(report, f, indent=2)
   with writing(png_path, '--out'):
     plot(report, png_path)
-  return json_path, png_path
+  print(tables(report))
+  print(f'\n{json_path}\n{png_path}')

@@ -24,13 +24,10 @@ Runs are scored one after another on prompts built with the same seed, so runs s
 prompts. Writes FOLDER/needles.json and FOLDER/needles.png (accuracy per run and depth, one panel per context).
 """
 
-import os
-
 from absl import app, flags
 
 from diffjax import cli
-from diffjax.errors import ConfigError
-from diffjax.infer import load, needles
+from diffjax.infer import needles
 
 WORKDIR = flags.DEFINE_multi_string('workdir', None, 'A training run\'s workdir; repeat to compare runs.')
 TEXT_GLOB = flags.DEFINE_string('text_glob', None, 'Filler text: a folder, file or glob of .txt / .txt.gz files.')
@@ -48,30 +45,24 @@ OUT = flags.DEFINE_string('out', None, 'Folder for needles.json and needles.png.
 @cli.report_errors
 def main(argv):
   del argv
-  if not WORKDIR.value:
-    raise ConfigError('--workdir is required: the workdir of a training run (repeat it to compare runs)')
-  if not TEXT_GLOB.value:
-    raise ConfigError('--text_glob is required: .txt or .txt.gz files to build the contexts from')
-  if not OUT.value:
-    raise ConfigError('--out is required: a folder for needles.json and needles.png')
+  workdirs = cli.required(WORKDIR, 'the workdir of a training run (repeat it to compare runs)')
+  text_glob = cli.required(TEXT_GLOB, '.txt or .txt.gz files to build the contexts from')
+  cli.required(OUT, 'a folder for needles.json and needles.png')
   contexts = needles.parse_list('context', CONTEXT.value, int)
   depths = needles.parse_list('depths', DEPTHS.value, float)
   needles.check_arguments(contexts, depths, TRIALS.value, BATCH_SIZE.value)
   out = cli.output_folder(OUT.value, '--out')
-  report = {'text_glob': TEXT_GLOB.value, 'contexts': contexts, 'depths': depths, 'needles': NEEDLES.value,
+  report = {'text_glob': text_glob, 'contexts': contexts, 'depths': depths, 'needles': NEEDLES.value,
             'queries': QUERIES.value, 'trials': TRIALS.value, 'seed': SEED.value, 'runs': []}
-  for workdir in WORKDIR.value:
-    cfg, params, tokenizer, step = load.open_run(workdir)
+
+  def measure(workdir, cfg, params, tokenizer):
+    del workdir
     # Filler for windows that differ between trials: a few times the longest context.
-    filler_ids = needles.filler_tokens(tokenizer, TEXT_GLOB.value, 4 * max(contexts))
-    results = needles.evaluate_run(cfg, params, tokenizer, filler_ids, contexts, depths, NEEDLES.value, QUERIES.value,
-                                   TRIALS.value, SEED.value, BATCH_SIZE.value)
-    report['runs'].append({'workdir': os.path.abspath(workdir), 'variant': cfg.variant, 'step': step,
-                           'label': f'{os.path.basename(os.path.abspath(workdir))} ({cfg.variant}, step {step})',
-                           'results': results})
-  json_path, png_path = cli.write_report(report, out, 'needles', needles.plot)
-  print(needles.tables(report))
-  print(f'\n{json_path}\n{png_path}')
+    filler_ids = needles.filler_tokens(tokenizer, text_glob, 4 * max(contexts))
+    return {'results': needles.evaluate_run(cfg, params, tokenizer, filler_ids, contexts, depths, NEEDLES.value,
+                                            QUERIES.value, TRIALS.value, SEED.value, BATCH_SIZE.value)}
+
+  cli.compare_runs(workdirs, out, 'needles', report, measure, needles.plot, needles.tables)
 
 
 if __name__ == '__main__':

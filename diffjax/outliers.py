@@ -18,8 +18,6 @@ Writes FOLDER/outliers.json (everything, per layer) and FOLDER/outliers.png (per
 kurtosis and max |hidden state| of each run; each run's loss against the bits) and prints the tables.
 """
 
-import os
-
 from absl import app, flags
 
 from diffjax import cli
@@ -63,10 +61,8 @@ def windows(workdir: str, tokenizer, seq_len: int, count: int, batch_size: int) 
 @cli.report_errors
 def main(argv):
   del argv
-  if not WORKDIR.value:
-    raise ConfigError('--workdir is required: the workdir of a training run (repeat it to compare runs)')
-  if not OUT.value:
-    raise ConfigError('--out is required: a folder for outliers.json and outliers.png')
+  workdirs = cli.required(WORKDIR, 'the workdir of a training run (repeat it to compare runs)')
+  cli.required(OUT, 'a folder for outliers.json and outliers.png')
   bits = parse_bits(BITS.value)
   out = cli.output_folder(OUT.value, '--out')
   report = {'data': TEXT_GLOB.value or 'validation', 'windows': WINDOWS.value, 'bits': bits, 'seq_len': None,
@@ -76,23 +72,19 @@ def main(argv):
             'logit_quantization': 'symmetric round-to-nearest, one scale per sequence and query (sub-)head from the '
                                   'largest logit its queries see',
             'runs': []}
-  for workdir in WORKDIR.value:
-    workdir = os.path.abspath(workdir)
-    cfg, params, tokenizer, step = load.open_run(workdir)
+
+  def measure(workdir, cfg, params, tokenizer):
     seq_len = load.run_config(workdir).train.seq_len
     report['seq_len'] = report['seq_len'] or seq_len
     if seq_len != report['seq_len']:
       raise ConfigError(f'--workdir: {workdir} trained on {seq_len}-token rows, the runs before it on '
                         f'{report["seq_len"]}; compare runs of one train.seq_len')
     batches = windows(workdir, tokenizer, seq_len, WINDOWS.value, BATCH_SIZE.value)
-    report['runs'].append({'workdir': workdir, 'variant': cfg.variant, 'step': step,
-                           'label': f'{os.path.basename(workdir)} ({cfg.variant}, step {step})',
-                           'scored_tokens': int(sum(batch['mask'].sum() for batch in batches)),
-                           **outliers.activation_outliers(cfg, params, batches),
-                           'loss': outliers.quantization_losses(cfg, params, batches, bits)})
-  json_path, png_path = cli.write_report(report, out, 'outliers', outliers.plot)
-  print(outliers.tables(report))
-  print(f'\n{json_path}\n{png_path}')
+    return {'scored_tokens': int(sum(batch['mask'].sum() for batch in batches)),
+            **outliers.activation_outliers(cfg, params, batches),
+            'loss': outliers.quantization_losses(cfg, params, batches, bits)}
+
+  cli.compare_runs(workdirs, out, 'outliers', report, measure, outliers.plot, outliers.tables)
 
 
 if __name__ == '__main__':

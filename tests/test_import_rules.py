@@ -1,9 +1,10 @@
 """The package's folders import only downward. Checked on the source with `ast`, so nothing is imported or run.
 
   errors.py                 the bottom: imports nothing of the package
-  model/, data/             each imports itself and errors only (neither knows the other)
-  run/                      model, data, errors
-  train/, infer/            run, model, data, errors (neither imports the other)
+  keys.py                   the declaration of a config key: errors only
+  model/, data/             each imports itself, keys and errors only (neither knows the other)
+  run/                      model, data, keys, errors
+  train/, infer/            run, model, data, keys, errors (neither imports the other)
   cli.py                    what the commands share: anything but a command
   commands                  the other top-level modules and train/__main__.py: anything but another command
   __init__.py               the public API (`diffjax.from_hf`, ...): anything but cli and the commands
@@ -19,15 +20,16 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'diffjax'
 FOLDERS = ('model', 'data', 'run', 'train', 'infer')
-LIBRARY = {'errors', *FOLDERS}
+LIBRARY = {'errors', 'keys', *FOLDERS}
 # layer -> the layers its modules may import
 ALLOWED = {
     'errors': set(),
-    'model': {'model', 'errors'},
-    'data': {'data', 'errors'},
-    'run': {'run', 'model', 'data', 'errors'},
-    'train': {'train', 'run', 'model', 'data', 'errors'},
-    'infer': {'infer', 'run', 'model', 'data', 'errors'},
+    'keys': {'errors'},
+    'model': {'model', 'keys', 'errors'},
+    'data': {'data', 'keys', 'errors'},
+    'run': {'run', 'model', 'data', 'keys', 'errors'},
+    'train': {'train', 'run', 'model', 'data', 'keys', 'errors'},
+    'infer': {'infer', 'run', 'model', 'data', 'keys', 'errors'},
     'cli': LIBRARY,
     'command': LIBRARY | {'cli'},
     'api': LIBRARY,
@@ -49,7 +51,7 @@ def layer(module: str) -> str:
     return 'api'
   if parts[-1] == '__main__':  # `python -m diffjax.train` runs the train command, which lives in its folder
     return 'command'
-  if parts[1] in FOLDERS or parts[1] == 'errors':
+  if parts[1] in FOLDERS or parts[1] in ('errors', 'keys'):
     return parts[1]
   return 'cli' if parts[1] == 'cli' else 'command'
 
@@ -125,7 +127,7 @@ def test_no_import_cycles():
 def test_the_graph_is_the_package():
   """The checks above hold for the package's real imports, not for an empty graph that a parsing slip would give."""
   graph = import_graph()
-  assert {layer(module) for module in graph} == {'api', 'errors', 'cli', 'command', *FOLDERS}
+  assert {layer(module) for module in graph} == {'api', 'errors', 'keys', 'cli', 'command', *FOLDERS}
   assert 'diffjax.run.checkpoint' in graph['diffjax.train.loop']
   assert 'diffjax.infer.load' in graph['diffjax.sample'] and 'diffjax.cli' in graph['diffjax.sample']
   assert 'diffjax.data.pipeline' in graph['diffjax.run.defaults']  # an import inside a function counts
@@ -152,6 +154,8 @@ def test_each_folder_says_its_job_and_what_it_may_import():
     ('diffjax.sample', 'diffjax.train.__main__'),  # not even another command
     ('diffjax', 'diffjax.commands'),  # nor the public API
     ('diffjax.errors', 'diffjax.model.config'),  # the bottom imports nothing
+    ('diffjax.errors', 'diffjax.keys'),  # not even the key declarations above it
+    ('diffjax.keys', 'diffjax.model.config'),  # which know no model
 ])
 def test_the_checker_flags_a_forbidden_import(edge):
   module, target = edge

@@ -7,7 +7,8 @@ import sys
 import ml_collections
 import pytest
 
-from diffjax.errors import ConfigError, Key
+from diffjax.errors import ConfigError
+from diffjax.keys import Key
 from diffjax.run import checkpoint, defaults
 from diffjax.train import validate
 from helpers_training import REPO, cli_env, load_config

@@ -26,7 +26,8 @@ from etils import epath
 
 from diffjax.data import corpus as corpus_lib
 from diffjax.data import prepare, tokenizers
-from diffjax.errors import ConfigError, Key, check_section, config_section
+from diffjax.errors import ConfigError
+from diffjax.keys import Key, check_section, config_section
 
 SOURCES = ('stdlib', 'local', 'tfds', 'hf')
 TOKENIZERS = ('byte', 'sentencepiece')

@@ -2,5 +2,6 @@
 fused Pallas kernel (kernels), the decoder (transformer), a model's loss on a batch (losses) and the logical-axis
 sharding rules its parameters are annotated with (sharding).
 
-Imports nothing of the package but `diffjax.errors`: the model knows no data, run, training or inference.
+Imports nothing of the package but `diffjax.keys` and `diffjax.errors`: the model knows no data, run, training or
+inference.
 """

@@ -48,20 +48,10 @@ def apply_rope(x_BxTxNxD, positions_BxT, theta: float, pairing: str):
   return rotated.astype(x_BxTxNxD.dtype)
 
 
-def _causal_softmax(logits_xTxS, visible_xTxS):
-  """float32 softmax over the last axis; keys outside `visible` (broadcast against the logits) get no weight."""
-  return jax.nn.softmax(jnp.where(visible_xTxS, logits_xTxS.astype(jnp.float32), _MASKED), axis=-1)
-
-
 def recording(module: nn.Module) -> bool:
   """Whether `module` sows what analysis reads: only where a caller made 'intermediates' mutable, never while the
   parameters are created, so training and state creation trace none of it."""
   return module.is_mutable_collection('intermediates') and not module.is_initializing()
-
-
-def _observed_logits(observer, logits_BxNxTxS, visible_BxNxTxS):
-  """The logits the softmax takes: the layer's `attention_logits` of them when a layer observes, else themselves."""
-  return logits_BxNxTxS if observer is None else observer.attention_logits(logits_BxNxTxS, visible_BxNxTxS)
 
 
 _warned = set()
@@ -151,13 +141,28 @@ def same_document(segment_ids_BxT, segment_ids_BxS=None):
   return segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
 
 
-def _einsum_mask(visible_BxTxS, segment_ids_BxT, t: int, s: int):
-  """The mask of the einsum path, (B or 1, T, S): the cache's, else causal (query t sees keys s <= t), within
+def _einsum_attention(logits_spec: str, out_spec: str, q, k, v, visible_BxTxS, segment_ids_BxT, observer, maps):
+  """The einsum path of both attention functions, returned float32 as `out_spec` lays it out. `logits_spec` gives
+  (B, ..., T, S), whose axes between B and T flatten to the query heads N; the observer records `maps(probs)` of the
+  (B, N, T, S) softmax maps. The mask is the cache's `visible_BxTxS`, else causal (query t sees keys s <= t), within
   documents when segment ids are given."""
-  if visible_BxTxS is not None:
-    return visible_BxTxS
-  causal_1xTxS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])[None]
-  return causal_1xTxS if segment_ids_BxT is None else causal_1xTxS & same_document(segment_ids_BxT)
+  logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32)
+  b, t, s = logits.shape[0], logits.shape[-2], logits.shape[-1]
+  if visible_BxTxS is None:
+    visible_BxTxS = (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])[None]
+    if segment_ids_BxT is not None:
+      visible_BxTxS = visible_BxTxS & same_document(segment_ids_BxT)
+  visible_Bx1xTxS = visible_BxTxS[:, None]
+  scaled_BxNxTxS = (logits * q.shape[-1] ** -0.5).reshape(b, -1, t, s)
+  if observer is not None:
+    scaled_BxNxTxS = observer.attention_logits(scaled_BxNxTxS, visible_Bx1xTxS)
+  # Keys a query cannot see get no weight; the softmax is float32 whatever the compute dtype.
+  probs_BxNxTxS = jax.nn.softmax(jnp.where(visible_Bx1xTxS, scaled_BxNxTxS.astype(jnp.float32), _MASKED), axis=-1)
+  if observer is not None and recording(observer):
+    for name, value in maps(probs_BxNxTxS).items():
+      observer.sow('intermediates', name, value)
+  return jnp.einsum(out_spec, probs_BxNxTxS.reshape(logits.shape).astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
 
 
 def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None, segment_ids_BxT=None,
@@ -167,28 +172,19 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   `segment_ids_BxT` (training, T == S) keeps each token inside its document; `visible_BxTxS` replaces the causal
   mask (the cache path; `xla` only). `observer`, the calling layer, sees the einsum path's logits and maps.
   """
-  scale = q_BxTxNxD.shape[-1] ** -0.5
   if impl == 'splash':
     return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, interpret=_interpret())
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
     mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
-    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=scale, is_causal=True,
-                                        implementation='cudnn').astype(jnp.float32)
+    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
+                                        is_causal=True, implementation='cudnn').astype(jnp.float32)
   b, t, n, d = q_BxTxNxD.shape
   kv = k_BxSxKxD.shape[2]
-  q_BxTxKxRxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
-  s = k_BxSxKxD.shape[1]
-  logits = jnp.einsum('btkrd,bskd->bkrts', q_BxTxKxRxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-  visible_Bx1xTxS = _einsum_mask(visible_BxTxS, segment_ids_BxT, t, s)[:, None]
   # Query head n = k·R + r, so (K, R) flattens to the head axis as it stands.
-  logits_BxNxTxS = _observed_logits(observer, (logits * scale).reshape(b, n, t, s), visible_Bx1xTxS)
-  probs_BxNxTxS = _causal_softmax(logits_BxNxTxS, visible_Bx1xTxS)
-  if observer is not None and recording(observer):
-    observer.sow('intermediates', 'probs', probs_BxNxTxS)
-  probs_BxKxRxTxS = probs_BxNxTxS.reshape(b, kv, n // kv, t, s)
-  out = jnp.einsum('bkrts,bskd->btkrd', probs_BxKxRxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD,
-                   preferred_element_type=jnp.float32)
+  out = _einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskd->btkrd', q_BxTxNxD.reshape(b, t, kv, n // kv, d),
+                          k_BxSxKxD, v_BxSxKxD, visible_BxTxS, segment_ids_BxT, observer,
+                          lambda probs_BxNxTxS: {'probs': probs_BxNxTxS})
   return out.reshape(b, t, n, d)
 
 
@@ -237,7 +233,6 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   """
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
-  scale = d ** -0.5
   if impl == 'pallas':
     return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
@@ -250,8 +245,7 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     return a1v - lam * a2v
   if impl == 'cudnn_split':
     # Value width == key width, as cuDNN asks without wide values: each map runs against both halves of V. Stacking
-    # the q1
-    # heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
+    # the q1 heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
     q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
     k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)
     halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
@@ -260,21 +254,11 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     a1v = jnp.concatenate([out_a[:, :, :heads], out_b[:, :, :heads]], axis=-1)
     a2v = jnp.concatenate([out_a[:, :, heads:], out_b[:, :, heads:]], axis=-1)
     return a1v - lam * a2v
-  q_BxTxGxRx2xD = q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d)
-  k_BxSxGx2xD = k_BxSx2GxD.reshape(b, -1, groups, 2, d)
-  s = k_BxSxGx2xD.shape[1]
-  logits = jnp.einsum('btgrcd,bsgcd->bgrcts', q_BxTxGxRx2xD, k_BxSxGx2xD, preferred_element_type=jnp.float32)
-  visible_Bx1xTxS = _einsum_mask(visible_BxTxS, segment_ids_BxT, t, s)[:, None]
   # Sub-head (g·R + r)·2 + c is query sub-head 2h + c of head h = g·R + r: (G, R, 2) flattens to the query layout.
-  logits_Bx2HxTxS = _observed_logits(observer, (logits * scale).reshape(b, two_h, t, s), visible_Bx1xTxS)
-  probs_Bx2HxTxS = _causal_softmax(logits_Bx2HxTxS, visible_Bx1xTxS)
-  if observer is not None and recording(observer):
-    observer.sow('intermediates', 'a1', probs_Bx2HxTxS[:, 0::2])
-    observer.sow('intermediates', 'a2', probs_Bx2HxTxS[:, 1::2])
-    observer.sow('intermediates', 'lambda', lam)
-  probs_BxGxRx2xTxS = probs_Bx2HxTxS.reshape(b, groups, heads // groups, 2, t, s)
-  out_BxTxGxRx2x2D = jnp.einsum('bgrcts,bsge->btgrce', probs_BxGxRx2xTxS.astype(v_BxSxGx2D.dtype), v_BxSxGx2D,
-                                preferred_element_type=jnp.float32)
+  out_BxTxGxRx2x2D = _einsum_attention(
+      'btgrcd,bsgcd->bgrcts', 'bgrcts,bsge->btgrce', q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d),
+      k_BxSx2GxD.reshape(b, -1, groups, 2, d), v_BxSxGx2D, visible_BxTxS, segment_ids_BxT, observer,
+      lambda probs_Bx2HxTxS: {'a1': probs_Bx2HxTxS[:, 0::2], 'a2': probs_Bx2HxTxS[:, 1::2], 'lambda': lam})
   # The subtraction comes after both softmaxes, never on the logits.
   out = out_BxTxGxRx2x2D[..., 0, :] - lam * out_BxTxGxRx2x2D[..., 1, :]
   return out.reshape(b, t, heads, 2 * d)

@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffjax.errors import ConfigError, Key, check_section
+from diffjax.errors import ConfigError
+from diffjax.keys import Key, check_section
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')

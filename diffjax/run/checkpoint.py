@@ -366,18 +366,12 @@ def load_params(path: str, abstract_params, param_shardings):
 
 
 def read_params(state_dir: str, target_params):
-  """The `params` subtree of a saved train state, checked against the checksums saved with it (if any)."""
-  params = _restore_params_only(state_dir, target_params)
+  """The `params` subtree of a saved train state, read alone and checked against the checksums saved with it (if
+  any)."""
+  params = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={'params': target_params}, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target_params})))['params']
   checksums_dir = epath.Path(state_dir).parent / 'checksums'
   if checksums_dir.exists():  # steps saved before checksums were recorded have none
     verify({'params': params}, ocp.JsonCheckpointHandler().restore(checksums_dir))
   return params
-
-
-def _restore_params_only(state_dir: str, target_params):
-  """Reads just the `params` subtree of a saved train state."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  restore_args = ocp.checkpoint_utils.construct_restore_args({'params': target_params})
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={'params': target_params}, restore_args=restore_args, partial_restore=True))
-  return restored['params']

@@ -6,7 +6,7 @@ and change what they need; cross-key checks live in `diffjax.train.validate`."""
 import ml_collections
 
 from diffjax.data.pipeline import DATA_KEYS
-from diffjax.errors import Key, check_section, config_section
+from diffjax.keys import Key, check_section, config_section
 from diffjax.model.config import MODEL_KEYS, ModelConfig
 
 
