@@ -21,6 +21,7 @@ COMMANDS = {
     'outliers': 'diffjax.outliers',
     'attention-maps': 'diffjax.attention_maps',
     'export': 'diffjax.export',
+    'import': 'diffjax.import_hf',
     'compare': 'launch/compare.py',
 }
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ def test_help_lists_every_command():
 # command -> a flag its help must show
 FLAGS = {'train': '--workdir', 'prepare': '--config', 'sample': '--temperature', 'evaluate': '--text_glob',
          'needles': '--out', 'outliers': '--windows', 'attention-maps': '--layer', 'export': '--out',
-         'compare': '--arms'}
+         'import': '--hf_dir', 'compare': '--arms'}
 
 
 @pytest.mark.parametrize('command', sorted(commands.COMMANDS))

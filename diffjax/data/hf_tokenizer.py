@@ -12,10 +12,12 @@ pieces against text, but a Hugging Face unigram model matches every piece, so th
 other: a literal '</s>' or '<0x41>' in the text then spells out from its characters, as in SentencePiece, whenever
 those characters are in the vocabulary. One difference remains in decoding: a run of byte pieces that is not valid
 UTF-8 becomes one U+FFFD per byte in Hugging Face's byte-fallback decoder, where SentencePiece replaces only the
-invalid bytes.
+invalid bytes. The SentencePiece model itself goes beside them as `tokenizer.model` (the name of transformers' own
+SentencePiece files; the fast tokenizer ignores it), so that diffjax reads back the very model it trained with.
 
 Both set `split_special_tokens`, so text that spells a special token is encoded as text, as diffjax does, and the
-end-of-document token doubles as BOS: in training every document follows one.
+end-of-document token doubles as BOS: in training every document follows one. `read_tokenizer` reads either back
+from a directory, for a model imported into diffjax.
 """
 
 import json
@@ -27,6 +29,7 @@ from diffjax.data import tokenizers
 from diffjax.errors import ConfigError
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
+SENTENCEPIECE_FILE = 'tokenizer.model'
 _BYTE_EOS, _BYTE_PAD = '<eos>', '<pad>'
 _SP_PREFIX = '▁'  # SentencePiece's visible space
 
@@ -81,6 +84,7 @@ def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str, max_len: int) -> 
     result, special_tokens = _byte_tokenizer(library, tokenizer)
   elif isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
     result, special_tokens = _sentencepiece_tokenizer(library, tokenizer)
+    tokenizer.save(os.path.join(path, SENTENCEPIECE_FILE))
   else:
     raise ConfigError(f'tokenizer: {type(tokenizer).__name__} has no Hugging Face export; give a ByteTokenizer or '
                       'a SentencePieceTokenizer')
@@ -91,3 +95,34 @@ def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str, max_len: int) -> 
     json.dump(tokenizer_config, f, indent=2, sort_keys=True, ensure_ascii=False)
     f.write('\n')
   return {'bos_token_id': tokenizer.eos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}
+
+
+def read_tokenizer(path: str) -> tokenizers.Tokenizer | None:
+  """The diffjax tokenizer in a Hugging Face directory: the SentencePiece model in its `tokenizer.model` (which must be
+  one diffjax trains, or ConfigError says why not), else bytes if its tokenizer.json is the byte-level one
+  `save_tokenizer` writes; None if it holds neither."""
+  model_file = os.path.join(path, SENTENCEPIECE_FILE)
+  if os.path.isfile(model_file):
+    return tokenizers.SentencePieceTokenizer.load(
+        model_file, key='--hf_dir', remedy='pass the tokenizer the model was trained with: --tokenizer=byte or '
+        '--tokenizer=PATH of its SentencePiece .model file')
+  try:
+    with open(os.path.join(path, TOKENIZER_FILES[0]), encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError):  # none, or not JSON: not one diffjax wrote
+    return None
+  return tokenizers.ByteTokenizer() if _is_byte_tokenizer(saved) else None
+
+
+def _is_byte_tokenizer(saved) -> bool:
+  """Whether a tokenizer.json encodes and decodes as `_byte_tokenizer` writes it: token b is byte b, then EOS, PAD."""
+  if not isinstance(saved, dict):
+    return False
+  model, pre_tokenizer = saved.get('model') or {}, saved.get('pre_tokenizer') or {}
+  specials = {token.get('id'): token.get('content') for token in saved.get('added_tokens') or []}
+  return (model.get('type') == 'BPE' and not model.get('merges')
+          and model.get('vocab') == {char: byte for byte, char in enumerate(_byte_level_characters())}
+          and specials == {tokenizers.ByteTokenizer.eos_id: _BYTE_EOS, tokenizers.ByteTokenizer.pad_id: _BYTE_PAD}
+          and pre_tokenizer.get('type') == 'ByteLevel' and pre_tokenizer.get('add_prefix_space') is False
+          and pre_tokenizer.get('use_regex') is False and (saved.get('decoder') or {}).get('type') == 'ByteLevel'
+          and saved.get('normalizer') is None and saved.get('post_processor') is None)

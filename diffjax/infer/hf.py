@@ -4,7 +4,8 @@
 neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory (config.json
 and model.safetensors, through the safetensors package's NumPy API; pytorch_model.bin through torch; with a
 tokenizer, also its files and generation_config.json), `save_run` exports a training run's newest checkpoint with
-its tokenizer, and `hf_model` and `from_hf_model` wrap the dict functions for a live PyTorch model.
+its tokenizer, `import_run` makes a Hugging Face directory a run of its own, and `hf_model` and `from_hf_model`
+wrap the dict functions for a live PyTorch model.
 
 The two frameworks compute the same function with differently ordered channels:
   - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
@@ -24,6 +25,7 @@ The two frameworks compute the same function with differently ordered channels:
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Mapping
 
 import numpy as np
@@ -278,6 +280,7 @@ def load_hf(path, **settings) -> tuple[ModelConfig, dict]:
     raise ConfigError(f'{path}: no {_CONFIG} in the directory')
   with open(config_file, encoding='utf-8') as f:
     config = json.load(f)
+  _model_config(config, settings)  # an unsupported model is refused before its weights are read
   return from_hf(config, _read_weights(path), **settings)
 
 
@@ -330,3 +333,76 @@ def save_run(workdir, path) -> str:
   from diffjax.infer import load  # pylint: disable=import-outside-toplevel  (Orbax, only for this)
   cfg, params, tokenizer, _ = load.open_run(os.fspath(workdir))
   return save_hf(cfg, params, path, tokenizer)
+
+
+def import_run(path, workdir, tokenizer: str | None = None) -> str:
+  """load_hf into a new run's workdir, which `open_run` reads (so sample, evaluate and export work on it) and
+  `checkpoint.init_from` trains on from: config.json (the defaults, with the model's keys, its tokenizer's and
+  `train.seq_len` at most `max_len`), the tokenizer (WORKDIR/tokenizer.model for SentencePiece) and a checkpoint of
+  step 0 that holds the parameters alone, with their checksums.
+
+  `tokenizer`: 'byte' or the path of a SentencePiece model; None takes the one in `path` (`read_tokenizer`: what
+  `save_hf` writes). The run is written beside WORKDIR and renamed into place, so WORKDIR appears only complete;
+  WORKDIR must be new or an empty folder. Returns WORKDIR.
+  """
+  from diffjax.data import pipeline  # pylint: disable=import-outside-toplevel  (the run's files, only for this)
+  from diffjax.run import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel  (Orbax)
+  from diffjax.run import defaults  # pylint: disable=import-outside-toplevel
+  path, workdir = os.fspath(path), os.path.abspath(os.fspath(workdir))
+  _check_new_workdir(workdir)
+  if not os.path.isdir(path):
+    raise ConfigError(f'--hf_dir: {path} is no directory; give the folder that save_pretrained or diffjax export '
+                      'wrote')
+  cfg, params = load_hf(path)
+  vocabulary = _import_tokenizer(path, tokenizer)
+  if vocabulary.vocab_size > cfg.vocab_size:
+    raise ConfigError(f'--tokenizer: its {vocabulary.vocab_size} tokens do not fit the model\'s vocab_size of '
+                      f'{cfg.vocab_size}; give the tokenizer the model was trained with')
+  sentencepiece = isinstance(vocabulary, tokenizers.SentencePieceTokenizer)
+  config = defaults.base_config()
+  config.model.update({**dataclasses.asdict(cfg), 'n_kv_heads': cfg.n_kv_heads or 0})
+  config.data.tokenizer = 'sentencepiece' if sentencepiece else 'byte'
+  if sentencepiece:
+    config.data.sp_vocab_size = vocabulary.vocab_size
+  config.train.seq_len = min(config.train.seq_len, cfg.max_len)
+  defaults.check_values(config)
+  defaults.model_config(config, vocabulary.vocab_size)  # what open_run will build from config.json
+  partial = f'{workdir}.partial-{os.getpid()}'
+  try:
+    os.makedirs(partial)
+    _write_json(os.path.join(partial, 'config.json'), config.to_dict())
+    if sentencepiece:
+      vocabulary.save(os.path.join(partial, pipeline.TOKENIZER_FILE))
+    checkpoints = checkpoint_lib.Checkpointer(os.path.join(partial, 'checkpoints'), keep=1, async_save=False)
+    try:
+      checkpoints.save(0, {'params': params}, {'imported_from': os.path.abspath(path)}, config.to_dict())
+      checkpoints.wait()
+    finally:
+      checkpoints.close()
+    os.replace(partial, workdir)  # replaces an empty folder
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  return workdir
+
+
+def _check_new_workdir(workdir: str):
+  if os.path.isfile(os.path.join(workdir, 'config.json')) or os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConfigError(f'--workdir: {workdir} already holds a run; give a new folder for the imported one')
+  if os.path.lexists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise ConfigError(f'--workdir: {workdir} is not an empty folder; give a new folder for the imported run')
+
+
+def _import_tokenizer(path: str, name: str | None) -> tokenizers.Tokenizer:
+  if name == 'byte':
+    return tokenizers.ByteTokenizer()
+  if name:
+    return tokenizers.SentencePieceTokenizer.load(name, key='--tokenizer', remedy='give byte or the SentencePiece '
+                                                  'model the model was trained with (a run keeps it as '
+                                                  'WORKDIR/tokenizer.model)')
+  found = hf_tokenizer.read_tokenizer(path)
+  if found is None:
+    raise ConfigError(f'--tokenizer: {path} holds no tokenizer diffjax can use (the byte-level tokenizer.json or '
+                      'SentencePiece tokenizer.model that diffjax export writes); pass the one the model was trained '
+                      'with: --tokenizer=byte or --tokenizer=PATH of its SentencePiece .model file')
+  return found

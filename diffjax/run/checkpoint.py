@@ -303,6 +303,16 @@ def param_shapes(state_dir: str) -> dict[str, tuple]:
   return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree['params'])[0]}
 
 
+def holds_parameters_only(state_dir: str) -> bool:
+  """Whether a saved state is parameters alone (a model `diffjax import` wrote), not a train state to resume; False
+  when its metadata cannot be read, which restoring it then reports."""
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+  except Exception:  # a damaged step: restore_latest reports it and falls back
+    return False
+  return 'params' in tree and 'opt_state' not in tree
+
+
 def _path_names(path) -> tuple[str, ...]:
   """A pytree path as plain names, alike for the state's named tuples and the dicts of its saved metadata."""
   return tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)

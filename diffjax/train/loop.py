@@ -191,6 +191,10 @@ class Run:
   # -- state -------------------------------------------------------------------------------------------------
 
   def _check_same_run(self, step: int, saved_config: dict):
+    if checkpoint_lib.holds_parameters_only(os.path.join(self.checkpoints.directory, str(step), 'state')):
+      raise ConfigError(f'--workdir: {self.workdir} holds parameters alone (step {step}, as diffjax import writes '
+                        'them), not a run to resume; train from them in a new --workdir with '
+                        f'--config.checkpoint.init_from={self.workdir}')
     differences = checkpoint_lib.config_differences(saved_config, self.config.to_dict())
     if differences and not self.config.checkpoint.allow_config_change:
       raise ConfigError(f'--workdir: {self.workdir} holds another run (step {step}), whose config differs in '
