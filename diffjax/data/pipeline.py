@@ -204,9 +204,9 @@ class InputPipeline:
                prefetch_batches: int = 2):
     self.folder, self.tokenizer = folder, tokenizer
     self.meta = prepare.read_meta(folder)
-    self._corpus, self._seq_len, self._batch_size, self._seed = corpus, seq_len, batch_size, seed
+    self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._shard, self._read_threads, self._prefetch_batches = shard, read_threads, prefetch_batches
-    index, count = shard
+    count = shard[1]
     # Every process of a run saves the same position (process 0 writes it), so it names the shard count only.
     self.identity = f'{corpus.identity}, {self.meta["tokenizer"]}, seq {seq_len}' + (
         f', {count} shards' if count > 1 else '')
@@ -241,8 +241,6 @@ class InputPipeline:
 
     Rows are taken in a fixed shuffled order, so a few batches sample many documents rather than the first one.
     """
-    if num_batches < 1:
-      raise ValueError(f'eval_batches needs a positive number of batches, got {num_batches}')
     rows = self.rows(corpus_lib.VALIDATION).shuffle(seed=_shuffle_seed(_EVAL_SEED))
     rows = rows[:min(len(rows), num_batches * self._batch_size)]
     batches = []
