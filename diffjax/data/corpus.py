@@ -231,7 +231,7 @@ def check_hf_files(hf_files_pattern: str) -> None:
 def find_hf_files(hf_files_pattern: str) -> list[str]:
   """Sorted `.parquet` / `.arrow` files in a folder (recursively; a `save_to_disk` folder gives its shards in
   order), a single file, or matching a glob."""
-  check_hf_files(hf_files_pattern)
+  hf_files.check_installed()
   folder = os.path.expanduser(hf_files_pattern)
   if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
     splits = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
