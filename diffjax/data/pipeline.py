@@ -1,7 +1,5 @@
-"""The input pipeline: one pass from text to packed sequences on disk, then batches read by index.
-
-The pass (`diffjax.data.prepare`) tokenizes the corpus once into rows of seq_len + 1 tokens in ArrayRecord shards
-that every later run reuses; document boundaries are the EOS tokens inside a row.
+"""The input pipeline: one pass from text to packed sequences on disk (`diffjax.data.prepare`), then batches read
+by index.
 
 Training reads rows by index: each epoch is a fresh permutation of all rows (Grain's MapDataset shuffle and
 repeat), so a batch mixes the whole corpus even when documents are books. The stream's position is the number of
