@@ -82,53 +82,21 @@ class Corpus:
   decoding: DecodingTally  # fed as files are read; whoever reads the corpus checks it
 
 
-class _FileTexts(Sequence):
-  def __init__(self, paths: list[str], decoding: DecodingTally):
-    self._paths, self._decoding = paths, decoding
+class _Texts(Sequence):
+  """Document texts read when asked for: text i is `read(items()[i])`.
 
-  def __len__(self):
-    return len(self._paths)
-
-  def __getitem__(self, index):
-    return read_document(self._paths[index], self._decoding)
-
-
-class _ExampleTexts(Sequence):
-  """The `text_key` feature of a TFDS random-access source, as str."""
-
-  def __init__(self, source, text_key: str):
-    self._source, self._text_key = source, text_key
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    value = self._source[index][self._text_key]
-    # TFDS returns Text features as UTF-8 bytes.
-    return value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
-
-
-class _RowTexts(Sequence):
-  """The rows of Hugging Face files that one split holds, in file and row order.
-
-  Which rows those are is worked out on first use (a hash per row, seconds for millions), so a run that finds its
-  data prepared never pays for it.
+  `items` is called on first use only, so a split that takes work to find (a hash per row of Hugging Face files,
+  seconds for millions) costs nothing to a run that finds its data prepared.
   """
 
-  def __init__(self, rows: hf_files.Rows, held_out: Callable[[], np.ndarray], validation: bool):
-    self._rows, self._held_out, self._validation = rows, held_out, validation
-    self._indices = None
-
-  def _rows_of_split(self) -> np.ndarray:
-    if self._indices is None:
-      self._indices = np.flatnonzero(self._held_out() == self._validation)
-    return self._indices
+  def __init__(self, items: Callable[[], Sequence], read: Callable[[Any], str]):
+    self._items, self._read = functools.cache(items), read
 
   def __len__(self):
-    return len(self._rows_of_split())
+    return len(self._items())
 
   def __getitem__(self, index):
-    return self._rows.text(int(self._rows_of_split()[index]))
+    return self._read(self._items()[index])
 
 
 def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
@@ -145,8 +113,7 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
       raise ConfigError(f'data.text_glob: only one non-empty document matches {data_cfg.text_glob!r}; documents '
                         'go whole to train or validation, so point it at two or more files')
     root = os.path.commonpath([os.path.dirname(path) for path in files])
-    # The folder's name keeps prepared corpora recognisable when listing the data directory.
-    prefix, config_key = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root).lower()).strip('_') or 'text', 'text_glob'
+    prefix, config_key = _folder_slug(root, 'text'), 'text_glob'
   else:
     root = sysconfig.get_paths()['stdlib']
     files = [path for path in stdlib_source_files(root) if os.path.getsize(path) > 0]
@@ -154,12 +121,11 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
   names = [os.path.relpath(path, root) for path in files]
   validation = validation_documents(names, data_cfg.validation_fraction)
   decoding = DecodingTally(config_key, data_cfg.max_undecodable_fraction)
-  splits = {TRAIN: _FileTexts([p for p, n in zip(files, names) if n not in validation], decoding),
-            VALIDATION: _FileTexts([p for p, n in zip(files, names) if n in validation], decoding)}
-  # Names, sizes and a hash of each file's ends: a copy of the corpus keeps its key (and its prepared data), an
-  # edit changes it, and nothing needs reading in full.
-  digest = _digest([f'validation_fraction={data_cfg.validation_fraction!r}',
-                    *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
+  read = functools.partial(read_document, decoding=decoding)
+  train_paths = [path for path, name in zip(files, names) if name not in validation]
+  validation_paths = [path for path, name in zip(files, names) if name in validation]
+  splits = {TRAIN: _Texts(lambda: train_paths, read), VALIDATION: _Texts(lambda: validation_paths, read)}
+  digest = _files_digest([f'validation_fraction={data_cfg.validation_fraction!r}'], names, files)
   return Corpus(key=f'{prefix}_{digest}', identity=f'{prefix} ({len(files)} files, {digest})',
                 config_key=config_key, splits=splits, decoding=decoding)
 
@@ -185,13 +151,13 @@ def _hf_corpus(data_cfg) -> Corpus:
         bar.update(column.num_rows)
     return held_out_mask(np.concatenate(scores), data_cfg.validation_fraction)
 
-  splits = {TRAIN: _RowTexts(rows, held_out, False), VALIDATION: _RowTexts(rows, held_out, True)}
-  prefix = re.sub(r'[^a-z0-9]+', '_', os.path.basename(root).lower()).strip('_') or 'hf'
-  # As for local text: names, sizes and a hash of each file's ends (a Parquet file's end is its footer, which
-  # describes every row group), so a copy keeps its prepared data and an edit does not.
-  digest = _digest([f'validation_fraction={data_cfg.validation_fraction!r}',
-                    f'hf_text_field={data_cfg.hf_text_field}',
-                    *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}' for name, path in zip(names, files))])
+  read = lambda row: rows.text(int(row))
+  splits = {TRAIN: _Texts(lambda: np.flatnonzero(~held_out()), read),
+            VALIDATION: _Texts(lambda: np.flatnonzero(held_out()), read)}
+  prefix = _folder_slug(root, 'hf')
+  # A Parquet file's end is its footer, which describes every row group.
+  digest = _files_digest([f'validation_fraction={data_cfg.validation_fraction!r}',
+                          f'hf_text_field={data_cfg.hf_text_field}'], names, files)
   # Arrow strings are UTF-8 by construction, so nothing feeds the tally.
   identity = f'{prefix} ({len(files)} files, column {data_cfg.hf_text_field}, {digest})'
   return Corpus(key=f'{prefix}_{digest}', identity=identity, config_key='hf_files', splits=splits,
@@ -217,6 +183,12 @@ def _tfds_corpus(data_cfg) -> Corpus:
                         '`python -m diffjax.prepare` with the same flags (README, "Recipe data"); '
                         'or set data.data_dir to a folder where TFDS has built it (`tfds build '
                         f'{name} --file_format=array_record --data_dir=DIR`, which needs TensorFlow)') from e
+
+  def texts(source) -> _Texts:
+    # TFDS returns Text features as UTF-8 bytes.
+    text = lambda value: value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
+    return _Texts(lambda: source, lambda example: text(example[data_cfg.text_key]))
+
   features = list(builder.info.features.keys())
   if data_cfg.text_key not in features:
     raise ConfigError(f'data.text_key: {data_cfg.text_key!r} is not a feature of {builder.info.full_name}; '
@@ -228,7 +200,7 @@ def _tfds_corpus(data_cfg) -> Corpus:
       raise ConfigError(f'data.{key}: {builder.info.full_name} has no split {requested!r}; use one of '
                         f'{", ".join(builder.info.splits)}')
     try:
-      splits[split] = _ExampleTexts(builder.as_data_source(requested), data_cfg.text_key)
+      splits[split] = texts(builder.as_data_source(requested))
     except (NotImplementedError, ValueError) as e:
       raise ConfigError(f'data.tfds_name: {builder.info.full_name} in {builder.data_dir} has no random-access '
                         f'files ({first_line(e)}); rebuild it with `tfds build {builder.name} '
@@ -259,7 +231,7 @@ def check_hf_files(hf_files_pattern: str) -> None:
 def find_hf_files(hf_files_pattern: str) -> list[str]:
   """Sorted `.parquet` / `.arrow` files in a folder (recursively; a `save_to_disk` folder gives its shards in
   order), a single file, or matching a glob."""
-  check_hf_files(hf_files_pattern)
+  hf_files.check_installed()
   folder = os.path.expanduser(hf_files_pattern)
   if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
     splits = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
@@ -350,6 +322,18 @@ def _split_score(name: str) -> float:
 def first_line(error: Any) -> str:
   lines = str(error).strip().splitlines()
   return lines[0][:200] if lines else type(error).__name__
+
+
+def _folder_slug(folder: str, fallback: str) -> str:
+  # The folder's name keeps prepared corpora recognisable when listing the data directory.
+  return re.sub(r'[^a-z0-9]+', '_', os.path.basename(folder).lower()).strip('_') or fallback
+
+
+def _files_digest(settings: list[str], names: list[str], files: list[str]) -> str:
+  """Of the settings, and of each file's name, size and a hash of its ends: a copy of the corpus keeps its key (and
+  its prepared data), an edit changes it, and nothing needs reading in full."""
+  return _digest([*settings, *(f'{name}\t{os.path.getsize(path)}\t{_ends_digest(path)}'
+                               for name, path in zip(names, files))])
 
 
 def _digest(parts: list[str]) -> str:

@@ -1,7 +1,5 @@
-"""The input pipeline: one pass from text to packed sequences on disk, then batches read by index.
-
-The pass (`diffjax.data.prepare`) tokenizes the corpus once into rows of seq_len + 1 tokens in ArrayRecord shards
-that every later run reuses; document boundaries are the EOS tokens inside a row.
+"""The input pipeline: one pass from text to packed sequences on disk (`diffjax.data.prepare`), then batches read
+by index.
 
 Training reads rows by index: each epoch is a fresh permutation of all rows (Grain's MapDataset shuffle and
 repeat), so a batch mixes the whole corpus even when documents are books. The stream's position is the number of
@@ -117,10 +115,10 @@ def build_input(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size
   corpus = corpus_lib.open_corpus(data_cfg)
   chief = shard[0] == 0
   if chief:
-    tokenizer = _make_tokenizer(data_cfg, corpus, workdir)
+    tokenizer = _tokenizer(data_cfg, corpus, workdir, chief=True)
   barrier('diffjax: tokenizer ready')
   if not chief:
-    tokenizer = _load_tokenizer(data_cfg, corpus, workdir)
+    tokenizer = _tokenizer(data_cfg, corpus, workdir, chief=False)
   folder = prepare.prepared_folder(data_cfg, corpus, tokenizer, seq_len)
   if chief:
     prepare.prepare(corpus, tokenizer, seq_len, folder)
@@ -132,54 +130,39 @@ def build_input(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size
 
 # -- tokenizers ---------------------------------------------------------------------------------------------------
 
-def _cached_tokenizer_path(data_cfg, corpus: corpus_lib.Corpus) -> epath.Path:
-  name = f'sentencepiece_{data_cfg.sp_vocab_size}_{data_cfg.sp_train_chars}.model'
-  return epath.Path(prepare.data_root(data_cfg)) / corpus.key / name
-
-
-def _saved_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer | None:
-  """The run's tokenizer if one is saved: the workdir's, else the corpus's cached one; None if neither exists."""
+def _tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None, chief: bool) -> tokenizers.Tokenizer:
+  """The byte tokenizer, or the run's SentencePiece model: the workdir's, else the corpus's cached one, else a new
+  one the chief trains on the train split (and caches, so every run on this corpus shares its vocabulary and data).
+  The chief also keeps a copy in the workdir."""
   if data_cfg.tokenizer == 'byte':
     return tokenizers.ByteTokenizer()
-  cached = _cached_tokenizer_path(data_cfg, corpus)
+  name = f'sentencepiece_{data_cfg.sp_vocab_size}_{data_cfg.sp_train_chars}.model'
+  cached = epath.Path(prepare.data_root(data_cfg)) / corpus.key / name
   # A damaged model is refused, never trained anew: a run's checkpoints are of use with its own tokenizer only.
   candidates = [(cached, 'data.data_dir', 'delete it to have a new one trained, or restore it from a copy (a run\'s '
                  f'WORKDIR/{TOKENIZER_FILE} is one)')]
   if workdir:
     candidates.insert(0, (epath.Path(workdir) / TOKENIZER_FILE, '--workdir', f'restore it from a copy, or delete it '
                           f'to take {cached} again (a resumed run checks that it is the one it trained with)'))
+  tokenizer = None
   for path, key, remedy in candidates:
     if path.exists():
       tokenizer = tokenizers.SentencePieceTokenizer.load(path, key=key, remedy=remedy)
       if tokenizer.vocab_size != data_cfg.sp_vocab_size:
         raise ConfigError(f'data.sp_vocab_size: {path} has {tokenizer.vocab_size} pieces but the config asks for '
                           f'{data_cfg.sp_vocab_size}; keep the value this run was started with or use a new workdir')
-      return tokenizer
-  return None
-
-
-def _load_tokenizer(data_cfg, corpus, workdir) -> tokenizers.Tokenizer:
-  tokenizer = _saved_tokenizer(data_cfg, corpus, workdir)
-  if tokenizer is None:
-    raise ConfigError(f'data.data_dir: no tokenizer at {_cached_tokenizer_path(data_cfg, corpus)}; in a multi-host '
-                      'run data.data_dir must be a folder that every host shares')
-  return tokenizer
-
-
-def _make_tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None) -> tokenizers.Tokenizer:
-  """The byte tokenizer, or the run's SentencePiece model: the workdir's, else the corpus's cached one, else a new
-  one trained on the train split (and cached, so every run on this corpus shares its vocabulary and data)."""
-  if data_cfg.tokenizer == 'byte':
-    return tokenizers.ByteTokenizer()
-  tokenizer = _saved_tokenizer(data_cfg, corpus, workdir)
+      break
+  if tokenizer is None and not chief:
+    raise ConfigError(f'data.data_dir: no tokenizer at {cached}; in a multi-host run data.data_dir must be a folder '
+                      'that every host shares')
   if tokenizer is None:
     # Read before training (which holds every sentence in memory anyway), so that a binary file is refused before
     # its characters make the vocabulary fail or a vocabulary learned from them is kept.
     texts = list(_texts_up_to(corpus.splits[corpus_lib.TRAIN], data_cfg.sp_train_chars))
     corpus.decoding.check()
     tokenizer = tokenizers.SentencePieceTokenizer.train(texts, vocab_size=data_cfg.sp_vocab_size)
-    tokenizer.save(_cached_tokenizer_path(data_cfg, corpus))
-  if workdir and not (epath.Path(workdir) / TOKENIZER_FILE).exists():
+    tokenizer.save(cached)
+  if chief and workdir and not (epath.Path(workdir) / TOKENIZER_FILE).exists():
     tokenizer.save(epath.Path(workdir) / TOKENIZER_FILE)
   return tokenizer
 
@@ -205,9 +188,9 @@ class InputPipeline:
                prefetch_batches: int = 2):
     self.folder, self.tokenizer = folder, tokenizer
     self.meta = prepare.read_meta(folder)
-    self._corpus, self._seq_len, self._batch_size, self._seed = corpus, seq_len, batch_size, seed
+    self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._shard, self._read_threads, self._prefetch_batches = shard, read_threads, prefetch_batches
-    index, count = shard
+    count = shard[1]
     # Every process of a run saves the same position (process 0 writes it), so it names the shard count only.
     self.identity = f'{corpus.identity}, {self.meta["tokenizer"]}, seq {seq_len}' + (
         f', {count} shards' if count > 1 else '')
@@ -242,8 +225,6 @@ class InputPipeline:
 
     Rows are taken in a fixed shuffled order, so a few batches sample many documents rather than the first one.
     """
-    if num_batches < 1:
-      raise ValueError(f'eval_batches needs a positive number of batches, got {num_batches}')
     rows = self.rows(corpus_lib.VALIDATION).shuffle(seed=_shuffle_seed(_EVAL_SEED))
     rows = rows[:min(len(rows), num_batches * self._batch_size)]
     batches = []

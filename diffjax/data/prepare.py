@@ -8,6 +8,7 @@ one rename, so a folder that exists is complete; every later run, and every host
 Document boundaries are the EOS tokens inside a row.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -43,18 +44,17 @@ def prepared_folder(data_cfg, corpus: corpus_lib.Corpus, tokenizer, seq_len: int
   return os.path.join(data_root(data_cfg), corpus.key, f'{tokenizer_key(tokenizer)}-seq{seq_len}')
 
 
-def prepare(corpus: corpus_lib.Corpus, tokenizer: tokenizers.Tokenizer, seq_len: int, folder: str) -> dict:
-  """Writes the packed rows of both splits into `folder` unless it exists; returns its metadata.
+def prepare(corpus: corpus_lib.Corpus, tokenizer: tokenizers.Tokenizer, seq_len: int, folder: str) -> None:
+  """Writes the packed rows of both splits into `folder` unless it exists.
 
   Processes on one machine that ask for the same folder at once take turns through a lock file: the first
   prepares, the others then find the folder complete.
   """
   if not os.path.exists(os.path.join(folder, META_FILE)):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    with _PreparationLock(folder + '.lock'):
+    with _preparation_lock(folder + '.lock'):
       if not os.path.exists(os.path.join(folder, META_FILE)):
         _write_prepared(corpus, tokenizer, seq_len, folder)
-  return read_meta(folder)
 
 
 def _write_prepared(corpus, tokenizer, seq_len, folder):
@@ -125,27 +125,20 @@ def read_meta(folder: str) -> dict:
                       'folder that every host shares') from None
 
 
-class _PreparationLock:
+@contextlib.contextmanager
+def _preparation_lock(path: str):
   """An exclusive `flock` on a file beside the folder; the kernel releases it when its holder dies."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def __enter__(self):
-    self._file = open(self.path, 'a+')
+  with open(path, 'a+') as f:
     try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      tqdm.write(f'waiting for another process to finish preparing {self.path[:-len(".lock")]}')
-      fcntl.flock(self._file, fcntl.LOCK_EX)
-    return self
-
-  def __exit__(self, *exc):
-    # Unlinked while held (unless a holder before us already did): a waiter then locks the old file and finds the
-    # folder complete, and a newcomer locks a new file and finds the same.
+      tqdm.write(f'waiting for another process to finish preparing {path[:-len(".lock")]}')
+      fcntl.flock(f, fcntl.LOCK_EX)
     try:
-      if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
-        os.remove(self.path)
-    except FileNotFoundError:
-      pass
-    self._file.close()
+      yield
+    finally:
+      # Unlinked while held (unless a holder before us already did): a waiter then locks the old file and finds the
+      # folder complete, and a newcomer locks a new file and finds the same.
+      with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+          os.remove(path)

@@ -67,7 +67,7 @@ class SentencePieceTokenizer:
   """
 
   def __init__(self, model_proto: bytes):
-    self._model_proto = model_proto
+    self.model_proto = model_proto
     self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._processor.vocab_size()
     self.eos_id = self._processor.eos_id()
@@ -124,7 +124,7 @@ class SentencePieceTokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a crash never leaves a truncated model for a resumed run to load.
     partial = path.parent / f'{path.name}.partial'
-    partial.write_bytes(self._model_proto)
+    partial.write_bytes(self.model_proto)
     partial.replace(path)
 
   def encode(self, text: str) -> list[int]:
@@ -133,10 +133,6 @@ class SentencePieceTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     ids = self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
     return [np.asarray(row, np.int32) for row in ids]
-
-  @property
-  def model_proto(self) -> bytes:
-    return self._model_proto
 
   def decode(self, ids: Sequence[int]) -> str:
     # The processor turns control ids (PAD, EOS) into nothing but rejects ids outside the vocabulary.

@@ -195,13 +195,14 @@ class Run:
       raise ConfigError(f'--workdir: {self.workdir} holds parameters alone (step {step}, as diffjax import writes '
                         'them), not a run to resume; train from them in a new --workdir with '
                         f'--config.checkpoint.init_from={self.workdir}')
+    if self.config.checkpoint.allow_config_change:
+      return
     differences = checkpoint_lib.config_differences(saved_config, self.config.to_dict())
-    if differences and not self.config.checkpoint.allow_config_change:
+    if differences:
       raise ConfigError(f'--workdir: {self.workdir} holds another run (step {step}), whose config differs in '
                         f'{"; ".join(differences)}; use a fresh --workdir, or pass '
                         '--config.checkpoint.allow_config_change=True to continue it with this config')
-    if not self.config.checkpoint.allow_config_change:
-      self._check_same_schedule(step, ml_collections.ConfigDict(saved_config['train']))
+    self._check_same_schedule(step, ml_collections.ConfigDict(saved_config['train']))
 
   def _check_same_schedule(self, step: int, saved_train):
     """A resumed run keeps its learning-rate schedule: a decay stretched over other steps would make the learning rate
@@ -216,8 +217,8 @@ class Run:
 
   def initial_state(self, iterator):
     """(step, state): the newest readable checkpoint's, else a fresh (or `init_from`) state."""
-    restored = self.checkpoints.restore_latest(train_step.abstract_state(self.cfg, self.tx, self.mesh),
-                                               check_config=self._check_same_run)
+    abstract = train_step.abstract_state(self.cfg, self.tx, self.mesh)
+    restored = self.checkpoints.restore_latest(abstract, check_config=self._check_same_run)
     if restored is not None:
       step, state, data_state = restored
       iterator.set_state(data_state)
@@ -229,9 +230,9 @@ class Run:
       return step, state
     state = train_step.init_state(self.cfg, self.tx, self.mesh, self.config.seed)
     if self.config.checkpoint.init_from:
-      shardings = train_step.state_shardings(self.cfg, self.tx, self.mesh)['params']
-      abstract = train_step.abstract_state(self.cfg, self.tx, self.mesh)['params']
-      state['params'] = checkpoint_lib.load_params(self.config.checkpoint.init_from, abstract, shardings)
+      params = abstract['params']
+      state['params'] = checkpoint_lib.load_params(self.config.checkpoint.init_from, params,
+                                                   jax.tree.map(lambda x: x.sharding, params))
       say(f'parameters from {self.config.checkpoint.init_from}')
     return 0, state
 

@@ -43,11 +43,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * n_matmul + 6.0 * cfg.n_layers * seq_len * cfg.d_model
 
 
-def to_python(value):
-  value = np.asarray(value)
-  return value.item() if value.ndim == 0 else value.tolist()
-
-
 class MetricsWriter:
   """Appends JSON records to WORKDIR/metrics.jsonl and scalars to TensorBoard, and with `wandb_project` to Weights &
   Biases; prints one line per record.
@@ -71,7 +66,7 @@ class MetricsWriter:
   def write(self, step: int, record: dict):
     if not self.is_chief:
       return
-    record = {'step': step, **{k: to_python(v) for k, v in record.items()}}
+    record = {'step': step, **{k: np.asarray(v).tolist() for k, v in record.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     scalars = dict(_scalars(record))

@@ -182,8 +182,8 @@ def _changes(cfg: ModelConfig, train: dict, mesh_shape: dict[str, int], fits):
   if not train['loss_chunk_tokens']:
     yield 'train.loss_chunk_tokens', SUGGESTED_CHUNK_TOKENS, cfg, {**train, 'loss_chunk_tokens': SUGGESTED_CHUNK_TOKENS}
   sequences = train['global_batch_size'] // (mesh_shape['data'] * mesh_shape['fsdp'])
-  for microbatches in _divisors(sequences):
-    if microbatches > train['microbatches']:
+  for microbatches in range(train['microbatches'] + 1, sequences + 1):
+    if sequences % microbatches == 0:
       yield 'train.microbatches', microbatches, cfg, {**train, 'microbatches': microbatches}
   if not cfg.remat:
     yield 'model.remat', True, dataclasses.replace(cfg, remat=True), train
@@ -195,8 +195,3 @@ def _changes(cfg: ModelConfig, train: dict, mesh_shape: dict[str, int], fits):
     low, high = (middle, high) if fits(cfg, {**train, 'global_batch_size': middle * step}) else (low, middle - 1)
   if low:
     yield 'train.global_batch_size', low * step, cfg, {**train, 'global_batch_size': low * step}
-
-
-def _divisors(n: int) -> list[int]:
-  small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
-  return sorted(set(small + [n // d for d in small]))

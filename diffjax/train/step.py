@@ -147,15 +147,14 @@ def compile_steps(cfg: ModelConfig, tx, schedule, train_cfg, mesh):
 
 
 def _in_mesh(fn, mesh):
-  """Traces `fn` where logical activation constraints can resolve against the mesh."""
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      return fn(*args)
-  wrapped.lower = lambda *args: _lower_in_mesh(fn, mesh, *args)
+  """`fn`, and its `lower`, traced where logical activation constraints can resolve against the mesh."""
+  def in_mesh(call):
+    @functools.wraps(call)
+    def wrapped(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        return call(*args)
+    return wrapped
+
+  wrapped = in_mesh(fn)
+  wrapped.lower = in_mesh(fn.lower)
   return wrapped
-
-
-def _lower_in_mesh(fn, mesh, *args):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    return fn.lower(*args)
