@@ -16,3 +16,9 @@ class SaveError(ConfigError):
 
 class NonFiniteError(RuntimeError):
   """Training produced a non-finite loss or gradient and `train.on_nonfinite` is 'stop'."""
+
+
+def first_line(error: BaseException | str) -> str:
+  """An exception's message (or a text) cut to its first line of at most 200 characters, for a one-line error."""
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diffjax.data import hf_files
-from diffjax.errors import ConfigError
+from diffjax.errors import ConfigError, first_line
 
 TRAIN, VALIDATION = 'train', 'validation'
 _TEXT_SUFFIXES = ('.txt', '.txt.gz')
@@ -317,11 +317,6 @@ def held_out_mask(scores: np.ndarray, validation_fraction: float) -> np.ndarray:
 def _split_score(name: str) -> float:
   """A number in [0, 1) that depends on the name alone."""
   return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2**64
-
-
-def first_line(error: Any) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0][:200] if lines else type(error).__name__
 
 
 def _folder_slug(folder: str, fallback: str) -> str:

@@ -11,7 +11,7 @@ import bisect
 import importlib.util
 import itertools
 
-from diffjax.errors import ConfigError
+from diffjax.errors import ConfigError, first_line
 
 SUFFIXES = ('.parquet', '.arrow')
 INSTALL = "pip install 'diffjax[hf-data]'"
@@ -44,7 +44,7 @@ class TextColumn:
         sizes = [min(_ARROW_BLOCK_ROWS, num_rows - start) for start in range(0, num_rows, _ARROW_BLOCK_ROWS)]
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError and more for a damaged or foreign file
       kind = 'a Parquet' if path.endswith('.parquet') else 'an Arrow (datasets)'
-      raise ConfigError(f'data.hf_files: {path} is not {kind} file that can be read ({_first_line(e)}); remove it '
+      raise ConfigError(f'data.hf_files: {path} is not {kind} file that can be read ({first_line(e)}); remove it '
                         'or narrow data.hf_files') from e
     _check_text_field(path, schema, field)
     if self._arrow is not None:
@@ -98,8 +98,3 @@ def _check_text_field(path: str, schema, field: str) -> None:
   if not is_text(field):
     raise ConfigError(f'data.hf_text_field: column {field!r} of {path} holds {schema.field(field).type}, not text; '
                       f'{advice}')
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0][:200] if lines else type(error).__name__

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffjax import errors
 from diffjax.errors import ConfigError, SaveError
 from diffjax.run import defaults
 
@@ -278,8 +279,7 @@ def first_line(error: Exception) -> str:
     if error.__cause__ is not None:
       return first_line(error.__cause__)
     text = _TENSORSTORE_DETAILS.sub('', text)
-  lines = text.strip().splitlines()
-  return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
+  return f'{type(error).__name__}: {errors.first_line(text) if text.strip() else ""}'
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
