@@ -6,8 +6,8 @@
 Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes
 all `--tokens` tokens through `diffjax.infer.generate`, the path `python -m diffjax.sample` uses. Compilation is
 excluded; each setting runs once to warm up, then `--repeats` times, and the best run counts. With `--hf 1` the same
-weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache and
-`torch.compile`, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no
+weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache, with which
+`generate` compiles its forward pass, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no
 Hugging Face counterpart). `--config.KEY=VALUE` sets any key of the config. Each row is printed as soon as it is measured; the table at the end and the JSON
 (`--out`) hold all of them.
 """
@@ -78,8 +78,9 @@ def bench_hf(cfg, params, batch: int, prompt_len: int, tokens: int, repeats: int
   import torch  # pylint: disable=import-outside-toplevel  (only --hf needs PyTorch)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = hf.hf_model(cfg, params, attn_implementation='sdpa').to(device, torch.bfloat16).eval()
+  # With a static cache, `generate` compiles the decoding forward itself (CUDA graphs included) and marks each
+  # step for them; compiling `model.forward` by hand as well fails on reused graph outputs in transformers 5.
   model.generation_config.cache_implementation = 'static'
-  model.forward = torch.compile(model.forward, mode='reduce-overhead', fullgraph=True)
   ids = torch.tensor(random_prompts(cfg, batch, prompt_len), device=device)
 
   def seconds(new_tokens: int) -> float:

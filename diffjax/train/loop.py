@@ -148,6 +148,19 @@ def wait_for_step(outputs):
   jax.block_until_ready(outputs)
 
 
+def steps_ahead(memory: dict | None) -> int:
+  """How many steps the host may queue behind the running one: 1 where a second step's temporaries fit, else 0.
+
+  A dispatched step holds its temporaries from dispatch until it has run, so a queued step doubles them: on an
+  H100, two runs sharing the card (a 23 GiB step each, under 36 GiB) ran out of memory at step 2 with one step
+  queued. One queued step hides the host's dispatch behind the running step. `memory` is the device's memory
+  stats after the first step, whose peak held the state and one step's temporaries; None (CPUs) queues one.
+  """
+  if not memory or 'peak_bytes_in_use' not in memory or 'bytes_limit' not in memory:
+    return 1
+  return 1 if 2 * memory['peak_bytes_in_use'] <= memory['bytes_limit'] else 0
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
                             if jnp.issubdtype(x.dtype, jnp.floating)]))
@@ -315,16 +328,16 @@ class Run:
         pending = None
         restart_window(last['step'])
 
-    queued = None  # the outputs of the step before the one just dispatched
+    queued, ahead = None, 1  # the outputs of the step before the one just dispatched; see steps_ahead
     try:
       while step < tc.steps:
         profiler.before_step(step + 1)
         state, step_metrics = self.train_fn(state, next(iterator))
-        # The host stays at most one step ahead of the device. A step's temporaries go back to the allocator only
-        # once the step has run, so a host further ahead holds several steps' temporaries at once: on an H100, a
-        # step of 24 GiB ran out of 36 GiB, and one of 46 GiB out of 59 GiB, a few steps in. One step queued
-        # keeps the device busy as well as ten (the same runs at the benchmarked step's speed).
-        if queued is not None:
+        # The host never runs further ahead of the device than `ahead` steps: without this bound, the reads of
+        # logged metrics alone let it queue up to log.every_steps steps, each holding its temporaries.
+        if ahead == 0:
+          wait_for_step(step_metrics)
+        elif queued is not None:
           wait_for_step(queued)
         queued = step_metrics
         watcher.start_saving()  # compiled, and running: from here a stop saves this step
@@ -339,6 +352,12 @@ class Run:
           # Seconds from launch at which the data, the state and the first step (compiled and run) were ready.
           writer.write(step, {**self.startup, 'first_step_s': time.perf_counter() - window_start,
                               'startup_s': time.perf_counter() - self.started})
+          memory = jax.local_devices()[0].memory_stats()
+          ahead = steps_ahead(memory)
+          if ahead == 0 and memory:
+            need, limit = 2 * memory['peak_bytes_in_use'] / 2**30, memory['bytes_limit'] / 2**30
+            say(f'one step at a time: two steps in flight would need about {need:.1f} GiB of the device\'s '
+                f'{limit:.1f} GiB')
           restart_window(step)
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
         write_pending()
