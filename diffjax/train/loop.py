@@ -148,17 +148,13 @@ def wait_for_step(outputs):
   jax.block_until_ready(outputs)
 
 
-def steps_ahead(memory: dict | None) -> int:
-  """How many steps the host may queue behind the running one: 1 where a second step's temporaries fit, else 0.
-
-  A dispatched step holds its temporaries from dispatch until it has run, so a queued step doubles them: on an
-  H100, two runs sharing the card (a 23 GiB step each, under 36 GiB) ran out of memory at step 2 with one step
-  queued. One queued step hides the host's dispatch behind the running step. `memory` is the device's memory
-  stats after the first step, whose peak held the state and one step's temporaries; None (CPUs) queues one.
-  """
-  if not memory or 'peak_bytes_in_use' not in memory or 'bytes_limit' not in memory:
-    return 1
-  return 1 if 2 * memory['peak_bytes_in_use'] <= memory['bytes_limit'] else 0
+def memory_after_first_step() -> dict:
+  """What the device's allocator holds once the first step has run, and the largest block it could still hand out
+  in one piece: a later step that fails to allocate where these leave room points at fragmentation. {} on CPUs."""
+  memory = jax.local_devices()[0].memory_stats() or {}
+  names = {'bytes_in_use': 'memory_in_use_gib', 'largest_free_block_bytes': 'largest_free_block_gib',
+           'bytes_limit': 'memory_limit_gib'}
+  return {name: memory[key] / 2**30 for key, name in names.items() if key in memory}
 
 
 def _all_finite(tree) -> jax.Array:
@@ -328,16 +324,15 @@ class Run:
         pending = None
         restart_window(last['step'])
 
-    queued, ahead = None, 1  # the outputs of the step before the one just dispatched; see steps_ahead
+    queued = None  # the outputs of the step before the one just dispatched
     try:
       while step < tc.steps:
         profiler.before_step(step + 1)
         state, step_metrics = self.train_fn(state, next(iterator))
-        # The host never runs further ahead of the device than `ahead` steps: without this bound, the reads of
-        # logged metrics alone let it queue up to log.every_steps steps, each holding its temporaries.
-        if ahead == 0:
-          wait_for_step(step_metrics)
-        elif queued is not None:
+        # The host stays at most one step ahead of the device. Further ahead (up to log.every_steps, from the log's
+        # reads alone), a 46 GiB step ran out of 59 GiB of an H100 after its first step; one step ahead, the same
+        # run trained at the benchmarked step's speed with a flat peak of one step's temporaries.
+        if queued is not None:
           wait_for_step(queued)
         queued = step_metrics
         watcher.start_saving()  # compiled, and running: from here a stop saves this step
@@ -351,13 +346,7 @@ class Run:
           jax.block_until_ready(step_metrics)
           # Seconds from launch at which the data, the state and the first step (compiled and run) were ready.
           writer.write(step, {**self.startup, 'first_step_s': time.perf_counter() - window_start,
-                              'startup_s': time.perf_counter() - self.started})
-          memory = jax.local_devices()[0].memory_stats()
-          ahead = steps_ahead(memory)
-          if ahead == 0 and memory:
-            need, limit = 2 * memory['peak_bytes_in_use'] / 2**30, memory['bytes_limit'] / 2**30
-            say(f'one step at a time: two steps in flight would need about {need:.1f} GiB of the device\'s '
-                f'{limit:.1f} GiB')
+                              'startup_s': time.perf_counter() - self.started, **memory_after_first_step()})
           restart_window(step)
         # Metrics of a logging step are read one step later, so the host never waits on the device to log.
         write_pending()
