@@ -38,7 +38,7 @@ def main(argv):
   if not OUT.value:
     workdir_lib.check_no_link_out(WORKDIR.value, path)  # the one file a reader writes in the workdir
   maps = attention_maps.layer_maps(cfg, params, jnp.asarray([ids], jnp.int32), layer)
-  heads = next(iter(v for k, v in maps.items() if k != 'lambda')).shape[0]
+  heads = maps['a' if 'a' in maps else 'a1'].shape[0]
   if HEAD.value >= heads:
     raise ConfigError(f'--head: {HEAD.value} is out of range; this layer has {heads} heads (0..{heads - 1})')
   labels = [repr(tokenizer.decode([i]))[1:-1] or '·' for i in ids]

@@ -157,10 +157,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], num_tokens: int
   start = time.perf_counter()
   out_BxN = np.asarray(compiled_decode(params, cache, logits_BxV, lengths_B, *sampling))
   decode_s = time.perf_counter() - start
-  continuations = []
-  for row in out_BxN:
-    stops = np.flatnonzero(row == eos_id) if eos_id is not None else []
-    continuations.append([int(t) for t in row[:stops[0] if len(stops) else len(row)]])
+  continuations = [row[:row.index(eos_id)] if eos_id in row else row for row in out_BxN.tolist()]
   # Each row's first token comes from the prefill's logits; the rest, EOS included, from decode steps.
   decoded = int(np.sum(out_BxN[:, 1:] != _NO_TOKEN))
   return Generation(continuations, prefill_s, decode_s, decoded)

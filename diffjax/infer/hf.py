@@ -1,11 +1,9 @@
 """Whole models <-> Hugging Face `DiffLlamaForCausalLM` (diff_v1) and `LlamaForCausalLM` (baseline).
 
 `to_hf` and `from_hf` work on plain dicts (a config dict and a state_dict of float32 NumPy arrays), so they need
-neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory (config.json
-and model.safetensors, through the safetensors package's NumPy API; pytorch_model.bin through torch; with a
-tokenizer, also its files and generation_config.json), `save_run` exports a training run's newest checkpoint with
-its tokenizer, `import_run` makes a Hugging Face directory a run of its own, and `hf_model` and `from_hf_model`
-wrap the dict functions for a live PyTorch model.
+neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory, `save_run`
+and `import_run` go between such a directory and a training run, and `hf_model` and `from_hf_model` between the
+dicts and a live PyTorch model.
 
 The two frameworks compute the same function with differently ordered channels:
   - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
@@ -54,23 +52,16 @@ def _swap_channel_blocks(kernel_ExC, a: int, b: int, inner: int):
   return kernel_ExC.reshape(e, c // (a * b * inner), a, b, inner).swapaxes(2, 3).reshape(e, c)
 
 
-def _qkv_to_hf(cfg: ModelConfig, name: str, kernel_ExC):
-  d = cfg.head_dim
+def _reorder_qkv(cfg: ModelConfig, name: str, kernel_ExC, to_hf: bool):
+  """A q/k/v kernel's output channels in diffjax's order -> Hugging Face's (to_hf), or back. The two reorderings
+  commute: DIFF V1's moves whole heads, the interleaved RoPE pairing's moves channels within every head alike."""
+  swaps = []
   if cfg.variant == 'diff_v1':
-    heads = cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2
-    kernel_ExC = _swap_channel_blocks(kernel_ExC, heads, 2, d)
+    swaps.append((cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2, 2, cfg.head_dim))
   if cfg.rope_pairing == 'interleaved' and name != 'v_proj':
-    kernel_ExC = _swap_channel_blocks(kernel_ExC, d // 2, 2, 1)
-  return kernel_ExC
-
-
-def _qkv_from_hf(cfg: ModelConfig, name: str, kernel_ExC):
-  d = cfg.head_dim
-  if cfg.rope_pairing == 'interleaved' and name != 'v_proj':
-    kernel_ExC = _swap_channel_blocks(kernel_ExC, 2, d // 2, 1)
-  if cfg.variant == 'diff_v1':
-    heads = cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2
-    kernel_ExC = _swap_channel_blocks(kernel_ExC, 2, heads, d)
+    swaps.append((cfg.head_dim // 2, 2, 1))
+  for a, b, inner in swaps:
+    kernel_ExC = _swap_channel_blocks(kernel_ExC, *((a, b) if to_hf else (b, a)), inner)
   return kernel_ExC
 
 
@@ -126,7 +117,7 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
     for ours, ours_name, theirs, theirs_name in _LINEARS:
       kernel_ExC = array(block[ours][ours_name]['kernel'])
       if ours_name in ('q_proj', 'k_proj', 'v_proj'):
-        kernel_ExC = _qkv_to_hf(cfg, ours_name, kernel_ExC)
+        kernel_ExC = _reorder_qkv(cfg, ours_name, kernel_ExC, to_hf=True)
       if ours_name == 'out_proj' and cfg.variant == 'diff_v1' and cfg.subln_scale:
         # The sub-layer norm's output channel i (of heads × 2d) is scaled by scale[i mod 2d] just before out_proj.
         kernel_ExC = kernel_ExC * np.tile(array(block['attn']['subln']['scale']), cfg.n_heads // 2)[:, None]
@@ -211,7 +202,7 @@ def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConf
     for ours, ours_name, theirs, theirs_name in _LINEARS:
       kernel_ExC = np.ascontiguousarray(array(f'{prefix}{theirs}.{theirs_name}.weight').T)
       if ours_name in ('q_proj', 'k_proj', 'v_proj'):
-        kernel_ExC = _qkv_from_hf(cfg, ours_name, kernel_ExC)
+        kernel_ExC = _reorder_qkv(cfg, ours_name, kernel_ExC, to_hf=False)
       block[ours][ours_name] = {'kernel': kernel_ExC}
     for ours, theirs in _NORMS:
       block[ours] = {'scale': array(f'{prefix}{theirs}.weight')}

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from diffjax.errors import ConfigError
+from diffjax.model.attention import LAMBDA_VECTORS
 
 _PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
-_VECTORS = ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')
-REFERENCE_KEYS = tuple(f'{n}.weight' for n in _PROJECTIONS) + _VECTORS + ('subln.weight',)
+REFERENCE_KEYS = tuple(f'{n}.weight' for n in _PROJECTIONS) + LAMBDA_VECTORS + ('subln.weight',)
 
 
 def from_reference(state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -23,7 +23,7 @@ def from_reference(state_dict: Mapping[str, np.ndarray]) -> dict:
                       f'{", ".join(REFERENCE_KEYS)}')
   arrays = {k: np.asarray(state_dict[k], dtype=np.float32) for k in REFERENCE_KEYS}
   params = {n: {'kernel': arrays[f'{n}.weight'].T.copy()} for n in _PROJECTIONS}
-  params.update({n: arrays[n].copy() for n in _VECTORS})
+  params.update({n: arrays[n].copy() for n in LAMBDA_VECTORS})
   params['subln'] = {'scale': arrays['subln.weight'].copy()}
   return params
 
@@ -31,6 +31,6 @@ def from_reference(state_dict: Mapping[str, np.ndarray]) -> dict:
 def to_reference(params: Mapping) -> dict[str, np.ndarray]:
   """The `params` of one DiffAttentionV1 layer -> a reference state_dict of float32 NumPy arrays."""
   out = {f'{n}.weight': np.asarray(params[n]['kernel'], dtype=np.float32).T.copy() for n in _PROJECTIONS}
-  out.update({n: np.asarray(params[n], dtype=np.float32).copy() for n in _VECTORS})
+  out.update({n: np.asarray(params[n], dtype=np.float32).copy() for n in LAMBDA_VECTORS})
   out['subln.weight'] = np.asarray(params['subln']['scale'], dtype=np.float32).copy()
   return out

@@ -25,26 +25,19 @@ from diffjax.run import checkpoint as checkpoint_lib
 from diffjax.run import defaults
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'--workdir: {workdir} holds no diffjax run (no config.json); give the workdir of a training run')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config over today's defaults, so keys added since it was written get their defaults (and
   keys removed since are dropped)."""
-  config = defaults.base_config()
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'--workdir: {workdir} holds no diffjax run (no config.json); give the workdir of a training run')
   try:
-    saved = defaults.flatten(load_run_config(workdir).to_dict())
-  except ConfigError:  # no config.json: not a run
-    raise
+    with open(path) as f:
+      saved = defaults.flatten(ml_collections.ConfigDict(json.load(f)).to_dict())
   except (OSError, ValueError, AttributeError) as error:  # unreadable, not UTF-8, not JSON, JSON but no object
-    raise ConfigError(f'--workdir: {os.path.join(workdir, "config.json")} is damaged '
-                      f'({checkpoint_lib.first_line(error)}); restore it from a copy (every checkpoint keeps one, '
-                      'in checkpoints/STEP/config/metadata)') from None
+    raise ConfigError(f'--workdir: {path} is damaged ({checkpoint_lib.first_line(error)}); restore it from a copy '
+                      '(every checkpoint keeps one, in checkpoints/STEP/config/metadata)') from None
+  config = defaults.base_config()
   config.update_from_flattened_dict({key: value for key, value in saved.items() if key in defaults.KEYS})
   return config
 

@@ -165,10 +165,11 @@ def evaluate_run(cfg: ModelConfig, params, tokenizer: tokenizers.Tokenizer, fill
                  batch_size: int) -> list[dict]:
   """Per context length: accuracy per depth and, for DIFF V1 and the baseline, answer/noise mass per layer."""
   results = []
+  answer_len = answer_tokens(tokenizer)
   for context in contexts:
-    if context + answer_tokens(tokenizer) > cfg.max_len:
-      raise ConfigError(f'--context: {context} tokens and {answer_tokens(tokenizer)} answer tokens exceed the '
-                        f'model\'s max_len of {cfg.max_len}; give at most {cfg.max_len - answer_tokens(tokenizer)}')
+    if context + answer_len > cfg.max_len:
+      raise ConfigError(f'--context: {context} tokens and {answer_len} answer tokens exceed the model\'s max_len of '
+                        f'{cfg.max_len}; give at most {cfg.max_len - answer_len}')
     prompts = build_prompts(tokenizer, filler_ids, context, depths, num_needles, queries, trials, seed)
     right = np.array(retrieval(cfg, params, tokenizer, prompts, batch_size))
     at_depth = np.array([p.depth for p in prompts])

@@ -15,6 +15,7 @@ query sees. The loss (nats per scored token) is measured on the einsum attention
 unquantized one included, since the kernels have no logits to quantize.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -125,11 +126,8 @@ def _logits_quantized_to(bits: int):
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _loss_sums(cfg: ModelConfig, params, batch, logit_bits: int):
   """(summed nats, scored tokens) on the batch, the attention logits quantized to `logit_bits` (0: not)."""
-  if not logit_bits:
+  with nn.intercept_methods(_logits_quantized_to(logit_bits)) if logit_bits else contextlib.nullcontext():
     out = losses.eval_step(cfg, params, batch)
-  else:
-    with nn.intercept_methods(_logits_quantized_to(logit_bits)):
-      out = losses.eval_step(cfg, params, batch)
   return out['loss_sum'], out['tokens']
 
 

@@ -1,9 +1,5 @@
 """Scoring a model on text: summed nats over batches, reported per token and per UTF-8 byte.
-
-Text files are tokenized with the run's tokenizer, each followed by EOS, and the whole stream, after one leading
-EOS (a document start, as in training), is cut into rows of seq_len + 1 tokens that overlap by one (`text_batches`):
-every token of every file, and each file's EOS, is predicted exactly once. Bits per byte divide the summed nats by
-ln 2 and by the scored text's UTF-8 bytes.
+`python -m diffjax.evaluate` (diffjax/evaluate.py) describes how text is cut into rows and scored.
 """
 
 import math
