@@ -2,7 +2,7 @@
 
   python launch/compare.py --config=configs/seed.py --root=runs/compare --seeds=0,1,2 \\
       --arms=baseline,diff_v1,diff_v1_nonorm=diff_v1:model.diff_head_norm=False \\
-      --set data.source=local --set data.text_glob=corpus_en --set train.steps=800
+      --config.data.source=local --config.data.text_glob=corpus_en --config.train.steps=800
 
 An arm is a variant plus config overrides, `NAME=VARIANT:KEY=VALUE:KEY=VALUE` (a bare `VARIANT` names itself).
 Every run is a plain `python -m diffjax.train` in its own workdir ROOT/ARM_seedS, and the runs of one seed are
@@ -89,7 +89,7 @@ def parse_arm(spec: str) -> Arm:
       raise ConfigError(f'--arms: {spec}: {item!r} is not KEY=VALUE')
     if _matches(key, SHARED_BY_ARMS):
       raise ConfigError(f'--arms: {spec}: an arm may not set {key}: every arm of a seed reads the same batches and '
-                        'starts from the same weights (set data keys with --set, the variant before the colon)')
+                        'starts from the same weights (set data keys with --config.KEY=VALUE, the variant before the colon)')
   return Arm(name, variant, tuple(overrides))
 
 
@@ -144,7 +144,7 @@ def plan_runs(args, arms: list[Arm], seeds: list[int]) -> list[Run]:
     for arm in arms:
       stem = f'{arm.name}_seed{seed}'
       init_dir = os.path.join(os.path.abspath(args.root), 'init', stem)
-      items = [*args.set, f'model.variant={arm.variant}', *arm.overrides, f'seed={seed}',
+      items = [*args.overrides, f'model.variant={arm.variant}', *arm.overrides, f'seed={seed}',
                f'checkpoint.init_from={init_dir}', 'log.progress_bar=False']
       try:
         config = load_config(args.config, items)
@@ -473,7 +473,9 @@ def plot(arms: list[Arm], results: dict[tuple[str, int], dict], path: str):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False, epilog='--config.KEY=VALUE sets a config key for every arm, as '
+                                   'in every other command, e.g. --config.train.steps=800 (repeatable).')
   parser.add_argument('--config', default='configs/seed.py',
                       help='the config file every run starts from (default: %(default)s)')
   parser.add_argument('--arms', default='baseline,diff_v1',
@@ -486,8 +488,6 @@ def parse_args(argv=None):
                       help='comma-separated seeds; each seed pairs one run of every arm (default: %(default)s)')
   parser.add_argument('--root', default='runs/compare', help='where the runs, their initial weights and the report '
                       'go; the same command there again resumes the comparison (default: %(default)s)')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='a config override for every arm, e.g. train.steps=800 (repeatable)')
   parser.add_argument('--parallel', type=int, default=1,
                       help='trainings at once on one accelerator (default: %(default)s)')
   parser.add_argument('--max_runs', type=int, default=0,
@@ -495,7 +495,12 @@ def parse_args(argv=None):
                            'continues (default: %(default)s)')
   parser.add_argument('--progress_every', type=float, default=60.0,
                       help='seconds between progress lines of the runs in training (default: %(default)s)')
-  return parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  for item in rest:
+    if not item.startswith('--config.') or '=' not in item:
+      parser.error(f'unrecognized argument {item}; config overrides are written --config.KEY=VALUE')
+  args.overrides = [item[len('--config.'):] for item in rest]
+  return args
 
 
 def configure(args) -> tuple[list[Arm], Arm, list[int], list[Run]]:
@@ -517,13 +522,10 @@ def configure(args) -> tuple[list[Arm], Arm, list[int], list[Run]]:
     raise ConfigError('--parallel must be at least 1 and --max_runs 0 or more')
   if not os.path.isfile(args.config):
     raise ConfigError(f'--config: {args.config} is not a file; give one such as configs/seed.py')
-  for item in args.set:
+  for item in args.overrides:
     if _matches(item.split('=', 1)[0], ('seed', 'model.variant', 'checkpoint.init_from')):
-      raise ConfigError(f'--set {item}: set by each arm and --seeds, not for all runs')
-  try:
-    load_config(args.config, args.set)  # so that a mistake here is not blamed on the first arm
-  except ConfigError as error:
-    raise ConfigError(f'--set: {error}') from None
+      raise ConfigError(f'--config.{item}: set by each arm and --seeds, not for all runs')
+  load_config(args.config, args.overrides)  # so that a mistake here is not blamed on the first arm
   return arms, reference, seeds, plan_runs(args, arms, seeds)
 
 
@@ -547,7 +549,7 @@ def main(argv=None):
       write_initial_weights(runs, [run for _, run in todo], reference)
       # The data are prepared once, here, rather than by the first of several runs while the others wait.
       prepared = subprocess.run([sys.executable, '-m', 'diffjax.prepare', f'--config={args.config}',
-                                 *(f'--config.{item}' for item in args.set)])
+                                 *(f'--config.{item}' for item in args.overrides)])
       if prepared.returncode:
         raise ConfigError(f'preparing the data failed (exit code {prepared.returncode}; its error is above)')
       train(args, todo, stop)
@@ -560,7 +562,7 @@ def main(argv=None):
   text = table(arms, reference, summary)
   print(text)
   with open(os.path.join(args.root, 'compare.json'), 'w') as f:
-    json.dump({'config': args.config, 'set': args.set, 'reference': reference.name, 'seeds': seeds,
+    json.dump({'config': args.config, 'overrides': args.overrides, 'reference': reference.name, 'seeds': seeds,
                'arms': summary, 'runs': {f'{arm}_seed{seed}': {k: v for k, v in r.items() if k != 'curve'}
                                          for (arm, seed), r in results.items()},
                'table': text}, f, indent=1)

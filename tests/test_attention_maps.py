@@ -104,6 +104,7 @@ def test_sown_logits_are_the_float64_reference_and_unseen_keys_are_nan(variant, 
           '__call__'][0]))
 
 
+@pytest.mark.slow
 def test_training_and_state_creation_sow_nothing(monkeypatch):
   """The train step's loss and gradient, and `init`, leave 'intermediates' immutable, so no layer records."""
   cfg, params, tokens = model_and_params('diff_v1')

@@ -42,6 +42,7 @@ def results(tmp_path_factory):
     return dict(zip(COMMANDS, pool.map(run, COMMANDS))), folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', COMMANDS)
 def test_a_stray_argument_is_refused_in_one_line(name, results):
   result, folder = results[0][name], results[1]

@@ -27,7 +27,7 @@ ARMS = 'baseline,diff_v1,diff_v1_nonorm=diff_v1:model.diff_head_norm=False,diff_
 
 
 def _configure(root, overrides: dict, *flags):
-  args = compare.parse_args([f'--config={TINY_CONFIG}', f'--root={root}', *(f'--set={k}={v}' for k, v in
+  args = compare.parse_args([f'--config={TINY_CONFIG}', f'--root={root}', *(f'--config.{k}={v}' for k, v in
                                                                              overrides.items()), *flags])
   return args, *compare.configure(args)
 
@@ -75,9 +75,9 @@ def test_each_run_trains_its_arm_with_everything_else_equal(tmp_path):
     (['--arms=baseline,baseline'], 'distinct arm names'),
     (['--reference=diff_v2'], 'not one of the arms'),
     (['--seeds=0,zero'], 'comma-separated integers'),
-    (['--set=seed=3'], 'set by each arm'),
-    (['--set=model.nope=1'], '^--set: model.nope=1: unknown config key'),
-    (['--set=model.d_model=wide'], r'^--set: flag --config\.model\.d_model=wide: invalid literal'),
+    (['--config.seed=3'], r'^--config\.seed=3: set by each arm'),
+    (['--config.model.nope=1'], r'^model\.nope=1: unknown config key'),
+    (['--config.model.d_model=wide'], r'^flag --config\.model\.d_model=wide: invalid literal'),
     (['--config=configs/none.py'], r'^--config: configs/none\.py is not a file'),
     (['--arms=x=diff_v1:model.lambda_init=1.5:model.lambda_init_drop=0'], r'arm x: model\.lambda_init: '),
 ])
@@ -85,6 +85,15 @@ def test_a_bad_command_is_refused_in_one_line(tmp_path, flags, match):
   with pytest.raises(ConfigError, match=match) as error:
     _configure(tmp_path, {}, *flags)
   assert '\n' not in str(error.value)
+
+
+def test_overrides_are_written_as_in_every_other_command(tmp_path, capsys):
+  args = compare.parse_args(['--config.train.steps=8', '--seeds=0', '--config.data.tokenizer=byte'])
+  assert args.overrides == ['train.steps=8', 'data.tokenizer=byte'] and args.seeds == '0'
+  for stray in ('--set=train.steps=8', '--config.train.steps', 'extra'):
+    with pytest.raises(SystemExit):
+      compare.parse_args([stray])
+    assert 'config overrides are written --config.KEY=VALUE' in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # --- Pairing. --------------------------------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def test_the_verdict_says_worse_or_better_the_right_way_round():
 def _run_compare(tmp_path, overrides, *flags):
   command = [sys.executable, str(REPO / 'launch' / 'compare.py'), f'--config={TINY_CONFIG}',
              f'--root={tmp_path / "runs"}', '--arms=baseline,diff_v1_nonorm=diff_v1:model.diff_head_norm=False',
-             '--seeds=0,1', '--progress_every=0', *(f'--set={k}={v}' for k, v in overrides.items()), *flags]
+             '--seeds=0,1', '--progress_every=0', *(f'--config.{k}={v}' for k, v in overrides.items()), *flags]
   return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
                         env=cli_env(tmp_path / 'compile_cache'))
 

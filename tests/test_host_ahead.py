@@ -1,7 +1,7 @@
 """The training loop keeps the host at most one step ahead of the device.
 
-A step's temporaries return to the allocator only once the step has run, so a host that queued several steps would
-need their temporaries at once (on a GPU, an out-of-memory error a few steps into a run whose step fits).
+With several steps queued, a GPU run whose step fits ran out of memory after its first step; with one step queued,
+the same run trained at the step's speed with the peak of one step.
 """
 
 from diffjax.train import loop as trainer

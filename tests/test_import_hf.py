@@ -89,6 +89,7 @@ def test_the_imported_config_is_the_trainers_with_the_models_keys(imported):
   assert checkpoint_lib.holds_parameters_only(str(workdir / 'checkpoints' / '0' / 'state'))
 
 
+@pytest.mark.slow
 @ONE_VARIANT
 def test_sample_and_evaluate_work_on_the_imported_run(imported, tmp_path):
   _, _, workdir = imported
@@ -122,6 +123,7 @@ def test_training_starts_from_the_imported_parameters(imported, tmp_path):
   assert sorted(os.listdir(tmp_path / 'new' / 'checkpoints')) == ['2']
 
 
+@pytest.mark.slow
 def test_the_command_imports_a_directory_transformers_wrote(tmp_path):
   cfg = ht.tiny_model(variant='baseline', vocab_size=300, max_len=64, rope_pairing='half')
   params = ht.random_params(cfg)
@@ -165,6 +167,7 @@ def test_only_diffjaxs_own_byte_tokenizer_json_reads_as_bytes(tmp_path):
   assert hf_tokenizer.read_tokenizer(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 @ONE_VARIANT
 def test_bad_input_is_one_line_and_writes_nothing(imported, tmp_path):
   original, hf_dir, workdir = imported

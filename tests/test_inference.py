@@ -120,6 +120,7 @@ def test_evaluate_refuses_a_glob_matching_nothing(run, tmp_path):
   assert lines[0].startswith('error: --text_glob: no .txt or .txt.gz files match')
 
 
+@pytest.mark.slow
 def test_sample_prints_text_and_speed_and_refuses_more_than_max_len(run):
   result, lines = cli('sample', f'--workdir={run[0]}', '--prompt=The ', '--tokens=12', '--num_samples=2',
                       '--temperature=1.0', '--top_k=50', '--top_p=0.9', '--seed=3')

@@ -45,6 +45,7 @@ def test_without_a_project_nothing_goes_to_wandb(tmp_path):
   assert writer.wandb is None and not (tmp_path / 'wandb').exists()
 
 
+@pytest.mark.slow
 def test_a_training_run_logs_to_its_project(tmp_path):
   from diffjax.train import loop as trainer
   from helpers_training import load_config, run_overrides, write_corpus

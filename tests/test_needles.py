@@ -145,6 +145,7 @@ def test_the_command_writes_accuracy_and_attention_and_refuses_contexts_past_max
       "error: --context: 320 tokens and 9 answer tokens exceed the model's max_len of 320; give at most 311"]
 
 
+@pytest.mark.slow
 def test_an_unwritable_out_or_a_negative_seed_is_one_line_before_any_run_is_opened(tmp_path):
   (tmp_path / 'a_file').write_text('not a folder')
   missing_run = f'--workdir={tmp_path / "no_run"}'  # opened only after the arguments are checked

@@ -165,6 +165,7 @@ def test_the_command_writes_outliers_and_quantized_losses_per_run(runs, tmp_path
   assert 'max |logit|' in result.stdout and str(tmp_path / 'outliers.json') in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_bits_and_a_missing_out_are_one_line(tmp_path):
   result, lines = cli(f'--workdir={tmp_path}', '--bits=8,one', f'--out={tmp_path}')
   assert result.returncode == 1 and lines == [
