@@ -3,13 +3,13 @@
   python launch/bench_decode.py --config=configs/seed.py --batches=1,64 --prompt_len=128 --tokens=512 --hf=1
   python launch/bench_decode.py --config=configs/tiny.py --prompt_len=16 --tokens=32     # a CPU check
 
-Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes
-all `--tokens` tokens through `diffjax.infer.generate`, the path `python -m diffjax.sample` uses. Compilation is
+Random prompts and random parameters (or a trained run's, `--workdir`), greedy with no EOS, so every row decodes all
+`--tokens` tokens through `diffjax.infer.generate`, the path `python -m diffjax.sample` uses. Compilation is
 excluded; each setting runs once to warm up, then `--repeats` times, and the best run counts. With `--hf 1` the same
 weights and prompts also go through Hugging Face `generate` (PyTorch, bfloat16, SDPA, a static cache, with which
-`generate` compiles its forward pass, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the baseline; DIFF V2 has no
-Hugging Face counterpart). `--config.KEY=VALUE` sets any key of the config. Each row is printed as soon as it is measured; the table at the end and the JSON
-(`--out`) hold all of them.
+`generate` compiles its forward pass, as its docs advise for fast decoding; DiffLlama for DIFF V1, Llama for the
+baseline; DIFF V2 has no Hugging Face counterpart). `--config.KEY=VALUE` sets any key of the config. Each row is
+printed as soon as it is measured; the table at the end and the JSON (`--out`) hold all of them.
 """
 
 import json
@@ -130,9 +130,9 @@ def main(argv):
         results.append(engine(cfg, params, int(batch), PROMPT_LEN.value, TOKENS.value, REPEATS.value))
         print(row_text(results[-1]), flush=True)
   print('\n' + title + '\n' + header + '\n' + '\n'.join(row_text(r) for r in results))
+  config = WORKDIR.value or config_flags.get_config_filename(flags.FLAGS['config'])
   with open(OUT.value, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'config': WORKDIR.value or config_flags.get_config_filename(flags.FLAGS['config']),
-               'results': results}, f, indent=1)
+    json.dump({'device': jax.devices()[0].device_kind, 'config': config, 'results': results}, f, indent=1)
   print(f'wrote {OUT.value}')
 
 

@@ -18,9 +18,9 @@ positive is worse), per seed and as a mean with a 95% confidence interval from a
 table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm).
 
 Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
-resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs` bounds one); arms and seeds may be added later. A command that
-would train a run of ROOT with another config, or against another reference arm, is refused. SIGTERM or Ctrl-C
-stops the runs at a saved step.
+resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs`
+bounds one); arms and seeds may be added later. A command that would train a run of ROOT with another config, or
+against another reference arm, is refused. SIGTERM or Ctrl-C stops the runs at a saved step.
 """
 
 import argparse
@@ -89,7 +89,8 @@ def parse_arm(spec: str) -> Arm:
       raise ConfigError(f'--arms: {spec}: {item!r} is not KEY=VALUE')
     if _matches(key, SHARED_BY_ARMS):
       raise ConfigError(f'--arms: {spec}: an arm may not set {key}: every arm of a seed reads the same batches and '
-                        'starts from the same weights (set data keys with --config.KEY=VALUE, the variant before the colon)')
+                        'starts from the same weights (set data keys with --config.KEY=VALUE, the variant before the '
+                        'colon)')
   return Arm(name, variant, tuple(overrides))
 
 
