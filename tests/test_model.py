@@ -279,6 +279,7 @@ def test_model_parameter_count(variant, tie):
   block = attn + 3 * e * 320 + 2 * e
   expected = 300 * e * (1 if tie else 2) + 3 * block + e
   assert model.count_params(model.abstract_params(cfg)) == expected
+  assert model.summary(cfg).splitlines()[-1].split()[-1] == f'{expected:,}'
 
 
 # --- Config validation. ---------------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> list[dict]:
 
 def abstract_params(cfg: ModelConfig):
   """Parameter shapes (with their logical partitioning boxes) without allocating anything."""
-  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))
 
 
 def count_params(params) -> int:
@@ -166,3 +167,19 @@ def lambdas(cfg: ModelConfig, params) -> list | None:
   return [reparameterised_lambda(params[f'block_{layer}']['attn'], layer, cfg.lambda_init_schedule)
           for layer in range(cfg.n_layers)]
 
+
+def summary(cfg: ModelConfig) -> str:
+  """A printable table: every parameter's path, shape, logical axes and count, then the total."""
+  boxed = abstract_params(cfg)['params']
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    shape = leaf.value.shape if isinstance(leaf, nn.Partitioned) else leaf.shape
+    axes = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    rows.append((name, str(tuple(shape)), str(tuple(axes)), int(np.prod(shape))))
+  width = max(len(r[0]) for r in rows)
+  lines = [f'{cfg.variant} model: {cfg.n_layers} layers, width {cfg.d_model}, {cfg.n_heads} heads (baseline count), '
+           f'head width {cfg.head_dim}, kv heads {cfg.kv_heads}, FFN {cfg.d_ff}, vocab {cfg.vocab_size}']
+  lines += [f'{n:<{width}}  {s:<16} {a:<22} {c:>12,}' for n, s, a, c in rows]
+  lines.append(f'{"total":<{width}}  {"":<16} {"":<22} {sum(r[3] for r in rows):>12,}')
+  return '\n'.join(lines)
