@@ -330,10 +330,11 @@ def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
         if process.returncode:
           raise ConfigError(f'{run.name} failed (exit code {process.returncode}: {last_error(log_path)}); see '
                             f'{log_path}, fix the cause and rerun the same command to continue')
-        if not run.finished() and not stop.requested:
+        finished = run.finished()  # reads the run's metrics.jsonl
+        if not finished and not stop.requested:
           raise ConfigError(f'{run.name} stopped before its last step; see {log_path}, and rerun the same command '
                             'to continue it')
-        if run.finished():
+        if finished:
           print(f'{index} {run.name}: finished in {(time.time() - started) / 60:.1f} min, validation loss '
                 f'{summarise(run)["final_eval_loss"]:.4f}', flush=True)
       if running and time.time() - last_report >= args.progress_every:
