@@ -9,7 +9,6 @@ Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), o
 
 import dataclasses
 import json
-import logging
 import os
 
 import flax.linen as nn
@@ -67,43 +66,13 @@ def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokeniz
   config = run_config(workdir)
   tokenizer = run_tokenizer(config, workdir)
   cfg = defaults.model_config(config, tokenizer.vocab_size)
-  step, params = restore_params(os.path.join(workdir, 'checkpoints'), cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nn.meta.unbox(model_lib.abstract_params(cfg)['params']))
+  restored = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1, async_save=False,
+                                         read_only=True).restore_params(target)
+  if restored is None:
+    raise ConfigError(f'--workdir: {workdir} has no checkpoint yet; train first or give another workdir')
+  step, params = restored
   # Generation, maps and export index layers by name; the unscanned layout computes the same function.
   return dataclasses.replace(cfg, scan_layers=False), model_lib.unstack_layers(cfg, params), tokenizer, step
-
-
-def restore_params(directory: str, cfg: ModelConfig) -> tuple[int, dict]:
-  """(step, unboxed parameters on one device) of the newest step in a checkpoints folder whose parameters read
-  back intact. A step that the run training there retires while it is read is passed over silently."""
-  steps = checkpoint_lib.completed_steps(directory)
-  if not steps:
-    raise ConfigError(f'--workdir: {os.path.dirname(directory)} has no checkpoint yet; train first or give another '
-                      'workdir')
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = nn.meta.unbox(model_lib.abstract_params(cfg)['params'])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  unreadable = []
-  for step in reversed(steps):
-    state_dir = os.path.join(directory, str(step), 'state')
-    try:
-      mismatch = checkpoint_lib.shape_mismatch(checkpoint_lib.param_shapes(state_dir), abstract)
-      if mismatch is None:
-        params = checkpoint_lib.read_params(state_dir, target)
-    except Exception as error:  # any failure to read means this step cannot be trusted
-      if os.path.isdir(os.path.join(directory, str(step))):
-        unreadable.append((step, checkpoint_lib.first_line(error)))
-      continue
-    if mismatch:
-      raise ConfigError(f'checkpoint: step {step} in {directory} holds parameters of another shape ({mismatch}) '
-                        'than its run\'s config.json describes; the workdir mixes two runs')
-    checkpoint_lib.drop_failed_reads()
-    for bad_step, error in unreadable:
-      logging.warning('checkpoint step %d in %s is unreadable (%s); using step %d instead', bad_step, directory,
-                      error, step)
-    return step, params
-  checkpoint_lib.drop_failed_reads()
-  if not unreadable:  # every step listed was retired while it was read: the run has newer ones now
-    return restore_params(directory, cfg)
-  bad_step, error = unreadable[0]
-  raise ConfigError(f'checkpoint: none of steps {steps} in {directory} can be read (step {bad_step}: {error}); '
-                    'repair or remove them')

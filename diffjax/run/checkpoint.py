@@ -11,6 +11,7 @@ Only the workdir's writer (the training run holding its lock) removes, moves or 
 """
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -19,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,24 +45,30 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool, read_only: bool = False):
     self.directory, self.read_only, self.failed = os.path.abspath(directory), read_only, False
+    if read_only:
+      return
     # Unfinished saves of a killed run are removed here, synchronously: Orbax's own clean-up runs in a thread
     # that a start failing right away (a config error) would leave running at exit.
-    if not read_only and jax.process_index() == 0 and os.path.isdir(self.directory):
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
         if ocp.path.step.TMP_DIR_SUFFIX in name:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    if not read_only and jax.process_count() > 1:
+    if jax.process_count() > 1:
       multihost_utils.sync_global_devices('diffjax: unfinished checkpoints removed')
-    if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True)
-    else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                                             todelete_subdir=DELETING)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, todelete_subdir=DELETING))
     self._purge_deleted()
 
+  @functools.cached_property
+  def manager(self) -> ocp.CheckpointManager:
+    """A reader's, made only when it restores a whole state: one stats every step it lists, and fails when the
+    writer retires one in between. A writer makes its own at once."""
+    return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=ITEMS)
+
   def steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
+    """The steps saved, a save in flight included for a writer; the finished ones on disk for a reader."""
+    return completed_steps(self.directory) if self.read_only else sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config: dict):
     self._purge_deleted()
@@ -91,10 +99,8 @@ class Checkpointer:
       yield
     except Exception as error:
       self.failed = True
-      # What is on disk now: Orbax's own list may already hold the step that failed.
-      steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()] if os.path.isdir(
-          self.directory) else []
-      last_good = f'step {max(steps)} in {self.directory}' if steps else 'none'
+      steps = completed_steps(self.directory)  # Orbax's own list may already hold the step that failed
+      last_good = f'step {steps[-1]} in {self.directory}' if steps else 'none'
       raise SaveError(f'checkpoint: saving to {self.directory} failed ({first_line(error)}); last good checkpoint: '
                       f'{last_good}. Fix the cause (disk space, permissions) and run the same command to resume '
                       'from it') from error
@@ -130,34 +136,44 @@ class Checkpointer:
   def restore_latest(self, abstract_state, check_config: Callable[[int, dict], None] = lambda step, config: None):
     """(step, state, data_state) of the newest readable checkpoint, or None when there is none at all.
 
-    `check_config(step, saved_config)` may raise ConfigError to refuse a checkpoint of another run. Unreadable
-    steps newer than the one restored, and steps whose arrays no longer match their checksums, are moved to
-    `<dir>_corrupt/` (kept for inspection, out of Orbax's way; left in place when read-only), each with a one-line
-    warning. Raises ConfigError, moving nothing, if steps exist but none can be read: a run never silently
-    restarts from scratch.
+    `check_config(step, saved_config)` may raise ConfigError to refuse a checkpoint of another run; see
+    `_newest_readable` for the steps that cannot be read.
+    """
+    def read(step):
+      check_config(step, self._read_config(step))
+      self._check_shapes(step, abstract_state['params'])
+      restored = self._restore(step, abstract_state)
+      return restored['state'], restored['data']
+    found = self._newest_readable(read)
+    return None if found is None else (found[0], *found[1])
+
+  def restore_params(self, target_params) -> tuple[int, dict] | None:
+    """(step, parameters) of the newest checkpoint whose parameters alone read back intact, as `target_params` (a
+    tree of ShapeDtypeStructs with shardings) describes them, or None when there is none at all."""
+    def read(step):
+      self._check_shapes(step, target_params)
+      return read_params(os.path.join(self.directory, str(step), 'state'), target_params)
+    return self._newest_readable(read)
+
+  def _newest_readable(self, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+    """(step, read(step)) of the newest step that `read` reads, or None when there is no step at all.
+
+    A step that `read` fails on (a ConfigError aside: a checkpoint of another run or model is no damage, and ends the
+    search) cannot be trusted, and the one before it is read instead. The unreadable steps newer than the one read,
+    those whose arrays no longer match their checksums included, are moved to `<dir>_corrupt/` (kept for inspection,
+    out of Orbax's way; left in place when read-only), each with a one-line warning. A step that the writer retires
+    while a reader reads it is passed over silently. Raises ConfigError, moving nothing, if steps exist but none can
+    be read: a run never silently restarts from scratch.
     """
     steps, unreadable = self.steps(), []
     for step in reversed(steps):
       try:
-        config = self._read_config(step)
+        result = read(step)
+      except ConfigError:
+        raise
       except Exception as error:  # any failure to read means this step cannot be trusted
-        unreadable.append((step, first_line(error)))
-        continue
-      check_config(step, config)
-      state_dir = os.path.join(self.directory, str(step), 'state')
-      try:
-        saved_shapes = param_shapes(state_dir)
-      except Exception as error:
-        unreadable.append((step, first_line(error)))
-        continue
-      mismatch = shape_mismatch(saved_shapes, abstract_state['params'])
-      if mismatch:  # not damage: this model cannot hold that state, so nothing is moved aside
-        raise ConfigError(f'checkpoint: step {step} in {self.directory} holds parameters of another shape '
-                          f'({mismatch}), so this model cannot continue that run; use a fresh --workdir')
-      try:
-        restored = self._restore(step, abstract_state)
-      except Exception as error:
-        unreadable.append((step, first_line(error)))
+        if not self.read_only or os.path.isdir(os.path.join(self.directory, str(step))):
+          unreadable.append((step, first_line(error)))
         continue
       drop_failed_reads()
       for bad_step, error in unreadable:
@@ -168,13 +184,24 @@ class Checkpointer:
           moved_to = self._move_aside(bad_step)
           logging.warning('checkpoint step %d in %s is unreadable (%s); resuming from step %d instead (step %d '
                           'moved to %s)', bad_step, self.directory, error, step, bad_step, moved_to)
-      return step, restored['state'], restored['data']
+      return step, result
     drop_failed_reads()
-    if steps:
+    if unreadable:
       bad_step, error = unreadable[0]
       raise ConfigError(f'checkpoint: none of steps {steps} in {self.directory} can be read (step {bad_step}: '
-                        f'{error}); repair or remove them, or use a fresh --workdir')
-    return None
+                        f'{error}); repair or remove them{"" if self.read_only else ", or use a fresh --workdir"}')
+    # Every step listed was retired while it was read: the run has newer ones now.
+    return self._newest_readable(read) if steps else None
+
+  def _check_shapes(self, step: int, abstract_params):
+    """Raises ConfigError if the step's parameters have other shapes than the model's: not damage, so nothing is
+    moved aside."""
+    mismatch = shape_mismatch(param_shapes(os.path.join(self.directory, str(step), 'state')), abstract_params)
+    if mismatch:
+      remedy = (" than its run's config.json describes; the workdir mixes two runs" if self.read_only else
+                ', so this model cannot continue that run; use a fresh --workdir')
+      raise ConfigError(f'checkpoint: step {step} in {self.directory} holds parameters of another shape '
+                        f'({mismatch}){remedy}')
 
   def _restore(self, step: int, abstract_state) -> dict:
     """The step's state and data position; raises ChecksumError if an array is not the one saved.
@@ -246,9 +273,7 @@ def verify(tree, saved: dict[str, int]):
 def completed_steps(directory: str) -> list[int]:
   """The steps in a checkpoints folder that a writer has finished, read from the folder alone.
 
-  Orbax renames a step into place only once it is complete, so digit names are exactly the finished steps. Readers
-  use this rather than a CheckpointManager, which stats every step it lists and fails when the writer retires one
-  in between.
+  Orbax renames a step into place only once it is complete, so digit names are exactly the finished steps.
   """
   if not os.path.isdir(directory):
     return []
@@ -338,9 +363,9 @@ def params_checkpoint(path: str) -> str:
   """The `state` folder of the newest step under a workdir, a checkpoints/ folder or one step folder."""
   path = os.path.abspath(path)
   for candidate in (os.path.join(path, 'checkpoints'), path):
-    if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
-      step = max(int(name) for name in os.listdir(candidate) if name.isdigit())
-      path = os.path.join(candidate, str(step))
+    steps = completed_steps(candidate)
+    if steps:
+      path = os.path.join(candidate, str(steps[-1]))
       break
   state_dir = os.path.join(path, 'state')
   if not os.path.isdir(state_dir):
