@@ -141,8 +141,9 @@ class Checkpointer:
     """
     def read(step):
       check_config(step, self._read_config(step))
-      self._check_shapes(step, abstract_state['params'])
-      restored = self._restore(step, abstract_state)
+      metadata = state_metadata(os.path.join(self.directory, str(step), 'state'))
+      self._check_shapes(step, metadata, abstract_state['params'])
+      restored = self._restore(step, abstract_state, saved_dtypes(metadata))
       return restored['state'], restored['data']
     found = self._newest_readable(read)
     return None if found is None else (found[0], *found[1])
@@ -151,8 +152,9 @@ class Checkpointer:
     """(step, parameters) of the newest checkpoint whose parameters alone read back intact, as `target_params` (a
     tree of ShapeDtypeStructs with shardings) describes them, or None when there is none at all."""
     def read(step):
-      self._check_shapes(step, target_params)
-      return read_params(os.path.join(self.directory, str(step), 'state'), target_params)
+      state_dir = os.path.join(self.directory, str(step), 'state')
+      self._check_shapes(step, state_metadata(state_dir), target_params)
+      return read_params(state_dir, target_params)
     return self._newest_readable(read)
 
   def _newest_readable(self, read: Callable[[int], Any]) -> tuple[int, Any] | None:
@@ -193,23 +195,23 @@ class Checkpointer:
     # Every step listed was retired while it was read: the run has newer ones now.
     return self._newest_readable(read) if steps else None
 
-  def _check_shapes(self, step: int, abstract_params):
+  def _check_shapes(self, step: int, metadata: dict, abstract_params):
     """Raises ConfigError if the step's parameters have other shapes than the model's: not damage, so nothing is
     moved aside."""
-    mismatch = shape_mismatch(param_shapes(os.path.join(self.directory, str(step), 'state')), abstract_params)
+    mismatch = shape_mismatch(param_shapes(metadata), abstract_params)
     if mismatch:
       remedy = (" than its run's config.json describes; the workdir mixes two runs" if self.read_only else
                 ', so this model cannot continue that run; use a fresh --workdir')
       raise ConfigError(f'checkpoint: step {step} in {self.directory} holds parameters of another shape '
                         f'({mismatch}){remedy}')
 
-  def _restore(self, step: int, abstract_state) -> dict:
+  def _restore(self, step: int, abstract_state, saved: dict) -> dict:
     """The step's state and data position; raises ChecksumError if an array is not the one saved.
 
-    Arrays are read in the dtype they were saved in, so that their checksums can be verified, and only then cast
-    to the dtype the state asks for now (`train.opt_moments_dtype` may differ from the run's earlier setting).
+    Arrays are read in the dtype they were saved in (`saved_dtypes`), so that their checksums can be verified, and
+    only then cast to the dtype the state asks for now (`train.opt_moments_dtype` may differ from the run's earlier
+    setting).
     """
-    saved = saved_dtypes(os.path.join(self.directory, str(step), 'state'))
     as_saved = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(x.shape, saved.get(_path_names(path), x.dtype), sharding=x.sharding),
         abstract_state)
@@ -320,11 +322,15 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in sorted(set(old) & set(new)) if old[k] != new[k]]
 
 
-def param_shapes(state_dir: str) -> dict[str, tuple]:
-  """Parameter path -> shape in a saved train state, from its metadata; raises if that cannot be read."""
-  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+def state_metadata(state_dir: str) -> dict:
+  """The tree of a saved state with every array's shape and dtype but no values; raises if it cannot be read."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+
+
+def param_shapes(tree: dict) -> dict[str, tuple]:
+  """Parameter path -> shape in a saved state's `state_metadata` tree."""
   if 'params' not in tree:
-    raise ValueError(f'{state_dir} has no readable parameter metadata')
+    raise ValueError('the saved state has no parameter metadata')
   return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree['params'])[0]}
 
 
@@ -332,7 +338,7 @@ def holds_parameters_only(state_dir: str) -> bool:
   """Whether a saved state is parameters alone (a model `diffjax import` wrote), not a train state to resume; False
   when its metadata cannot be read, which restoring it then reports."""
   try:
-    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+    tree = state_metadata(state_dir)
   except Exception:  # a damaged step: restore_latest reports it and falls back
     return False
   return 'params' in tree and 'opt_state' not in tree
@@ -343,9 +349,8 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
-def saved_dtypes(state_dir: str) -> dict[tuple[str, ...], jnp.dtype]:
-  """Array path (as `_path_names`) -> dtype in a saved train state, from its metadata."""
-  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+def saved_dtypes(tree: dict) -> dict[tuple[str, ...], jnp.dtype]:
+  """Array path (as `_path_names`) -> dtype in a saved state's `state_metadata` tree."""
   return {_path_names(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, 'dtype')}
 
 
@@ -378,7 +383,7 @@ def check_init_from(path: str, abstract_params) -> str:
   """The state folder `path` names, after checking (from metadata only) that its parameters fit the model."""
   state_dir = params_checkpoint(path)
   try:
-    saved_shapes = param_shapes(state_dir)
+    saved_shapes = param_shapes(state_metadata(state_dir))
   except Exception as error:  # a missing or damaged metadata file
     raise ConfigError(f'checkpoint.init_from: cannot read the parameters of {state_dir} ({first_line(error)}); '
                       'give a complete diffjax checkpoint') from None

@@ -181,8 +181,8 @@ class Run:
     self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
                                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = self.checkpoints.latest_config()
-    if latest:  # a workdir of another run is refused before its data is prepared or a tokenizer trained
-      self._check_same_run(*latest)
+    if latest:  # a workdir of another run, or of parameters alone, is refused before its data is prepared
+      self._check_resumable(*latest)
     tc = config.train
     # Process 0 prepares the data once; the others wait for it here, then read the same files.
     barrier = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
@@ -199,11 +199,15 @@ class Run:
 
   # -- state -------------------------------------------------------------------------------------------------
 
-  def _check_same_run(self, step: int, saved_config: dict):
+  def _check_resumable(self, step: int, saved_config: dict):
+    """At start, before the data is prepared: the newest step is a train state, not parameters alone, of this run."""
     if checkpoint_lib.holds_parameters_only(os.path.join(self.checkpoints.directory, str(step), 'state')):
       raise ConfigError(f'--workdir: {self.workdir} holds parameters alone (step {step}, as diffjax import writes '
                         'them), not a run to resume; train from them in a new --workdir with '
                         f'--config.checkpoint.init_from={self.workdir}')
+    self._check_same_run(step, saved_config)
+
+  def _check_same_run(self, step: int, saved_config: dict):
     if self.config.checkpoint.allow_config_change:
       return
     differences = checkpoint_lib.config_differences(saved_config, self.config.to_dict())
