@@ -23,8 +23,7 @@ def sown(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT=None) -> tuple:
   The model runs on the einsum path, the one that sows (the cuDNN and Pallas kernels compute the same function but
   show no maps), with its layers unrolled. Traceable, so callers may jit it and keep only what they need.
   """
-  params = model_lib.unstack_layers(cfg, params)
-  cfg = dataclasses.replace(cfg, attention_impl='xla', scan_layers=False)
+  cfg, params = model_lib.unscanned(dataclasses.replace(cfg, attention_impl='xla'), params)
   logits_BxTxV, state = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxT,
                                                          segment_ids_BxT=segment_ids_BxT, mutable=['intermediates'])
   blocks = [state['intermediates'][f'block_{layer}'] for layer in range(cfg.n_layers)]

@@ -132,8 +132,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], num_tokens: int
   Raises ConfigError if a prompt is empty, or a prompt and its continuation would pass the model's max_len.
   """
   check_sampling(num_tokens, temperature, top_k, top_p)
-  if cfg.scan_layers:  # the cache is per layer: decode with the unscanned layout of the same parameters
-    params, cfg = model_lib.unstack_layers(cfg, params), dataclasses.replace(cfg, scan_layers=False)
+  cfg, params = model_lib.unscanned(cfg, params)  # the cache is per layer
   if not prompts or any(len(prompt) == 0 for prompt in prompts):
     raise ConfigError('prompts: every prompt needs at least one token (start a document with the EOS token)')
   lengths = [len(prompt) for prompt in prompts]

@@ -104,8 +104,7 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it. A DIFF V1
   sub-layer norm scale is folded into o_proj (DiffLlama's norm has none): the same function, whatever the scale.
   """
-  if cfg.scan_layers:  # Hugging Face keeps one module per layer
-    params, cfg = model_lib.unstack_layers(cfg, params), dataclasses.replace(cfg, scan_layers=False)
+  cfg, params = model_lib.unscanned(cfg, params)
   config = hf_config(cfg)
   array = lambda x: np.array(x, dtype=np.float32)  # a copy: the result shares no memory with `params`
   embedding = array(params['embed']['embedding'])

@@ -7,7 +7,6 @@ Parameters come back unboxed (plain arrays, as `flax.linen.meta.unbox` gives), o
 `Transformer(cfg).apply({'params': params}, tokens_BxT)`.
 """
 
-import dataclasses
 import json
 import os
 
@@ -75,4 +74,4 @@ def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokeniz
     raise ConfigError(f'--workdir: {workdir} has no checkpoint yet; train first or give another workdir')
   step, params = restored
   # Generation, maps and export index layers by name; the unscanned layout computes the same function.
-  return dataclasses.replace(cfg, scan_layers=False), model_lib.unstack_layers(cfg, params), tokenizer, step
+  return (*model_lib.unscanned(cfg, params), tokenizer, step)

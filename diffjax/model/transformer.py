@@ -1,5 +1,7 @@
 """The decoder-only language model: pre-RMSNorm blocks of (differential) attention and a SwiGLU FFN."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,12 @@ def unstack_layers(cfg: ModelConfig, params) -> dict:
   stacked = params['layers']['block']
   blocks = {f'block_{layer}': jax.tree.map(lambda x, i=layer: x[i], stacked) for layer in range(cfg.n_layers)}
   return {**{k: v for k, v in params.items() if k != 'layers'}, **blocks}
+
+
+def unscanned(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
+  """(cfg, unboxed parameters) of the same model in the unscanned layout, which the KV cache, the attention maps and
+  Hugging Face's modules (one per layer) need."""
+  return dataclasses.replace(cfg, scan_layers=False), unstack_layers(cfg, params)
 
 
 def stack_layers(cfg: ModelConfig, params) -> dict:
