@@ -111,6 +111,7 @@ def test_answer_and_noise_masses_are_sums_of_the_map_entries():
     (lambda: needles.draw_needles(np.random.default_rng(0), 100), '^--needles: give 1 to'),
     (lambda: needles.parse_list('depths', '0,half', float), '^--depths: .* is not a comma-separated list'),
     (lambda: needles.check_arguments([100], [1.5], 1, 1), r'^--depths: depths are fractions in \[0, 1\]'),
+    (lambda: needles.filler_tokens(TOKENIZER, '/no/such/folder', 100), "^--text_glob: '/no/such/folder' does not"),
 ])
 def test_bad_arguments_are_one_line_errors(call, message):
   with pytest.raises(ConfigError, match=message) as error:

@@ -214,18 +214,19 @@ def _tfds_corpus(data_cfg) -> Corpus:
 
 def check_text_glob(text_glob: str) -> None:
   """Raises ConfigError if `text_glob`, or the folder a glob searches, does not exist; reads no files."""
-  _check_pattern(text_glob, 'text_glob', _TEXT_SUFFIXES)
+  _check_pattern(text_glob, 'data.text_glob', _TEXT_SUFFIXES)
 
 
-def find_text_files(text_glob: str) -> list[str]:
-  """Sorted `.txt` / `.txt.gz` files in a folder (recursively), a single file, or matching a glob."""
-  return _matching_files(text_glob, 'text_glob', _TEXT_SUFFIXES, 'text files')
+def find_text_files(text_glob: str, key: str = 'data.text_glob') -> list[str]:
+  """Sorted `.txt` / `.txt.gz` files in a folder (recursively), a single file, or matching a glob; an error names
+  `key`, the config key or flag that gave `text_glob`."""
+  return _matching_files(text_glob, key, _TEXT_SUFFIXES, 'text files')
 
 
 def check_hf_files(hf_files_pattern: str) -> None:
   """Raises ConfigError if `datasets` is not installed or `hf_files_pattern` names nothing; reads no files."""
   hf_files.check_installed()
-  _check_pattern(hf_files_pattern, 'hf_files', hf_files.SUFFIXES)
+  _check_pattern(hf_files_pattern, 'data.hf_files', hf_files.SUFFIXES)
 
 
 def find_hf_files(hf_files_pattern: str) -> list[str]:
@@ -238,7 +239,7 @@ def find_hf_files(hf_files_pattern: str) -> list[str]:
     example = os.path.join(hf_files_pattern, splits[0] if splits and 'train' not in splits else 'train')
     raise ConfigError(f'data.hf_files: {hf_files_pattern!r} is a DatasetDict folder (splits: {", ".join(splits)}); '
                       f'point it at the folder of one split, e.g. {example}')
-  return _matching_files(hf_files_pattern, 'hf_files', hf_files.SUFFIXES, 'Parquet or Arrow files')
+  return _matching_files(hf_files_pattern, 'data.hf_files', hf_files.SUFFIXES, 'Parquet or Arrow files')
 
 
 def _check_pattern(pattern: str, key: str, suffixes: tuple[str, ...]) -> None:
@@ -249,9 +250,9 @@ def _check_pattern(pattern: str, key: str, suffixes: tuple[str, ...]) -> None:
     fixed = parts[:next(i for i, part in enumerate(parts) if _is_glob(part))]
     folder = os.sep.join(fixed) or os.curdir
     if not os.path.isdir(folder):
-      raise ConfigError(f'data.{key}: the folder {folder!r} of {pattern!r} does not exist; point it at {files}')
+      raise ConfigError(f'{key}: the folder {folder!r} of {pattern!r} does not exist; point it at {files}')
   elif not os.path.exists(path):
-    raise ConfigError(f'data.{key}: {pattern!r} does not exist; point it at {files}')
+    raise ConfigError(f'{key}: {pattern!r} does not exist; point it at {files}')
 
 
 def _matching_files(pattern: str, key: str, suffixes: tuple[str, ...], noun: str) -> list[str]:
@@ -265,7 +266,7 @@ def _matching_files(pattern: str, key: str, suffixes: tuple[str, ...], noun: str
     candidates = [path]
   files = sorted(os.path.abspath(path) for path in candidates if path.endswith(suffixes) and os.path.isfile(path))
   if not files:
-    raise ConfigError(f'data.{key}: no {" or ".join(suffixes)} files match {pattern!r}; point it at a folder or '
+    raise ConfigError(f'{key}: no {" or ".join(suffixes)} files match {pattern!r}; point it at a folder or '
                       f'glob of {noun}')
   return files
 

@@ -189,7 +189,7 @@ def evaluate_run(cfg: ModelConfig, params, tokenizer: tokenizers.Tokenizer, fill
 def filler_tokens(tokenizer: tokenizers.Tokenizer, text_glob: str, needed: int) -> np.ndarray:
   """Token ids of the files' texts, in file order, read only until there are `needed` (or the files end)."""
   parts, count = [], 0
-  for path in corpus.find_text_files(text_glob):
+  for path in corpus.find_text_files(text_glob, '--text_glob'):
     parts.append(np.asarray(tokenizer.encode(corpus.read_document(path) + '\n\n'), np.int64))
     count += len(parts[-1])
     if count >= needed:

@@ -17,10 +17,7 @@ from diffjax.model.config import ModelConfig
 
 def read_texts(text_glob: str) -> list[str]:
   """The texts of the files `text_glob` matches; no match, or only empty files, is a one-line error."""
-  try:
-    texts = [corpus_lib.read_document(path) for path in corpus_lib.find_text_files(text_glob)]
-  except ConfigError as error:  # the corpus module names its own config key
-    raise ConfigError(str(error).replace('data.text_glob:', '--text_glob:', 1)) from None
+  texts = [corpus_lib.read_document(path) for path in corpus_lib.find_text_files(text_glob, '--text_glob')]
   if not any(texts):
     raise ConfigError(f'--text_glob: every file matching {text_glob!r} is empty; point it at text files with content')
   return texts
