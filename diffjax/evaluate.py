@@ -11,12 +11,10 @@ batches of train.global_batch_size rows), whose bytes are those of the scored to
 """
 
 import json
-import os
 
 from absl import app, flags
 
 from diffjax import cli
-from diffjax.data import pipeline as data_lib
 from diffjax.infer import load, score
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'The workdir of a training run.')
@@ -32,19 +30,13 @@ def main(argv):
   del argv
   cfg, params, tokenizer, step = load.open_run(WORKDIR.value)
   config = load.run_config(WORKDIR.value)
-  seq_len = config.train.seq_len
-  if TEXT_GLOB.value is not None:
-    texts = score.read_texts(TEXT_GLOB.value)
-    totals = score.score(cfg, params, score.text_batches(tokenizer, texts, seq_len, BATCH_SIZE.value), tokenizer)
+  texts = None if TEXT_GLOB.value is None else score.read_texts(TEXT_GLOB.value)
+  rows = (BATCHES.value or config.log.eval_batches) * config.train.global_batch_size if texts is None else None
+  totals = score.score(cfg, params, score.batches(config, WORKDIR.value, tokenizer, texts, BATCH_SIZE.value, rows),
+                       tokenizer)
+  if texts is not None:
     totals['bytes'] = sum(len(text.encode('utf-8')) for text in texts)
-    data = TEXT_GLOB.value
-  else:
-    rows = (BATCHES.value or config.log.eval_batches) * config.train.global_batch_size
-    pipeline = data_lib.build_input(config.data, seq_len=seq_len, batch_size=BATCH_SIZE.value, seed=config.seed,
-                                    workdir=os.path.abspath(WORKDIR.value))
-    totals = score.score(cfg, params, pipeline.eval_batches(-(-rows // BATCH_SIZE.value)), tokenizer)
-    data = 'validation'
-  print(json.dumps({'step': step, 'data': data, **score.summary(totals)}))
+  print(json.dumps({'step': step, 'data': TEXT_GLOB.value or 'validation', **score.summary(totals)}))
 
 
 if __name__ == '__main__':

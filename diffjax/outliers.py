@@ -21,7 +21,6 @@ kurtosis and max |hidden state| of each run; each run's loss against the bits) a
 from absl import app, flags
 
 from diffjax import cli
-from diffjax.data import pipeline as data_lib
 from diffjax.errors import ConfigError
 from diffjax.infer import load, outliers, score
 
@@ -44,18 +43,11 @@ def parse_bits(values: list[str]) -> list[int]:
   return bits
 
 
-def windows(workdir: str, tokenizer, seq_len: int, count: int, batch_size: int) -> list[dict]:
+def windows(workdir: str, config, tokenizer, count: int, batch_size: int) -> list[dict]:
   """The batches of the first `count` rows (the rest of the last batch masked out) of the text or validation."""
-  batch_size = min(batch_size, count)
-  if TEXT_GLOB.value is not None:
-    batches = list(score.text_batches(tokenizer, score.read_texts(TEXT_GLOB.value), seq_len, batch_size))
-    batches = batches[:-(-count // batch_size)]
-  else:
-    config = load.run_config(workdir)
-    pipeline = data_lib.build_input(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
-                                    workdir=workdir)
-    batches = pipeline.eval_batches(-(-count // batch_size))
-  return outliers.first_windows(batches, count)
+  texts = None if TEXT_GLOB.value is None else score.read_texts(TEXT_GLOB.value)
+  batches = score.batches(config, workdir, tokenizer, texts, min(batch_size, count), count)
+  return outliers.first_windows(list(batches), count)
 
 
 @cli.report_errors
@@ -74,12 +66,13 @@ def main(argv):
             'runs': []}
 
   def measure(workdir, cfg, params, tokenizer):
-    seq_len = load.run_config(workdir).train.seq_len
+    config = load.run_config(workdir)
+    seq_len = config.train.seq_len
     report['seq_len'] = report['seq_len'] or seq_len
     if seq_len != report['seq_len']:
       raise ConfigError(f'--workdir: {workdir} trained on {seq_len}-token rows, the runs before it on '
                         f'{report["seq_len"]}; compare runs of one train.seq_len')
-    batches = windows(workdir, tokenizer, seq_len, WINDOWS.value, BATCH_SIZE.value)
+    batches = windows(workdir, config, tokenizer, WINDOWS.value, BATCH_SIZE.value)
     return {'scored_tokens': int(sum(batch['mask'].sum() for batch in batches)),
             **outliers.activation_outliers(cfg, params, batches),
             'loss': outliers.quantization_losses(cfg, params, batches, bits)}

@@ -2,7 +2,9 @@
 `python -m diffjax.evaluate` (diffjax/evaluate.py) describes how text is cut into rows and scored.
 """
 
+import itertools
 import math
+import os
 
 import jax
 import numpy as np
@@ -53,6 +55,18 @@ def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int
   rows += [np.full(seq_len + 1, tokenizer.pad_id)] * (-len(rows) % batch_size)
   for start in range(0, len(rows), batch_size):
     yield data_lib.batch_of_rows(np.stack(rows[start:start + batch_size]).astype(np.int32), tokenizer)
+
+
+def batches(config, workdir: str, tokenizer: tokenizers.Tokenizer, texts: list[str] | None, batch_size: int,
+            rows: int | None = None):
+  """Batches of `batch_size` rows of the run's seq_len tokens: of `texts` as `text_batches` cuts them, or, where
+  `texts` is None, of the run's validation split (the rows training evaluates). With `rows`, only the batches that
+  hold the first `rows` rows (always given for the validation split)."""
+  seq_len, count = config.train.seq_len, None if rows is None else -(-rows // batch_size)
+  if texts is not None:
+    return itertools.islice(text_batches(tokenizer, texts, seq_len, batch_size), count)
+  return data_lib.build_input(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
+                              workdir=os.path.abspath(workdir)).eval_batches(count)
 
 
 def summary(totals: dict) -> dict:
