@@ -49,7 +49,7 @@ from diffjax.errors import ConfigError
 from diffjax.model.config import VARIANTS
 from diffjax.run import checkpoint as checkpoint_lib
 from diffjax.run import defaults
-from diffjax.train import metrics
+from diffjax.train import metrics, preflight
 from diffjax.train import step as train_step
 
 # What an arm may not change: every arm of a seed must read the same batches and start from its seed's weights.
@@ -304,9 +304,7 @@ def last_error(log_path: str) -> str:
 def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
   """Trains the runs, at most `args.parallel` at a time, printing each one's progress every `args.progress_every`
   seconds; each run logs to its workdir's train.log. Raises ConfigError when a run fails or stops early."""
-  env = dict(os.environ)
-  if args.parallel > 1:  # JAX would otherwise give each process three quarters of the accelerator's memory
-    env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / args.parallel:.2f}')
+  env = preflight.sharing_env(args.parallel)
   waiting, running, last_report = list(todo), [], time.time()
   try:
     while (waiting and not stop.requested) or running:
@@ -491,7 +489,8 @@ def parse_args(argv=None):
   parser.add_argument('--root', default='runs/compare', help='where the runs, their initial weights and the report '
                       'go; the same command there again resumes the comparison (default: %(default)s)')
   parser.add_argument('--parallel', type=int, default=1,
-                      help='trainings at once on one accelerator (default: %(default)s)')
+                      help='trainings at once on one accelerator, each with an equal share of its memory and XLA\'s '
+                           'stream-ordered allocator (diffjax.train.preflight.sharing_env) (default: %(default)s)')
   parser.add_argument('--max_runs', type=int, default=0,
                       help='start at most this many runs in this invocation, 0 for all; the same command again '
                            'continues (default: %(default)s)')

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from diffjax import cli
 from diffjax.errors import ConfigError
-from diffjax.train import metrics
+from diffjax.train import metrics, preflight
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,9 +139,7 @@ def main(argv):
     if SHARING.value:
       groups[f'{SHARING.value} sharing'] = [os.path.join(root, f'shared_{i}') for i in range(SHARING.value)]
     for name, workdirs in groups.items():
-      run_env = dict(env)
-      if len(workdirs) > 1:  # JAX would otherwise give each process three quarters of the accelerator's memory
-        run_env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / len(workdirs):.2f}'
+      run_env = preflight.sharing_env(len(workdirs), env)
       for workdir in workdirs:
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: a resumed one would train nothing
       run_all([(f'{name} #{i}', train_command(config_args, w), w) for i, w in enumerate(workdirs)], run_env)

@@ -167,3 +167,17 @@ def test_cli_refuses_before_touching_the_workdir_or_the_data(tmp_path, override,
   assert not workdir.exists()
   assert not os.path.exists(corpus[1])  # data.data_dir: nothing prepared
   assert not (tmp_path / 'cache').exists() or not os.listdir(tmp_path / 'cache')  # nothing compiled
+
+
+def test_trainings_sharing_a_device_split_its_memory_and_allocate_in_stream_order():
+  env = preflight.sharing_env(2, {'PATH': '/bin'})
+  assert env == {'PATH': '/bin', 'XLA_CLIENT_MEM_FRACTION': '0.45', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'cuda_async'}
+  assert preflight.sharing_env(3, {})['XLA_CLIENT_MEM_FRACTION'] == '0.30'
+  assert preflight.sharing_env(1, {'PATH': '/bin'}) == {'PATH': '/bin'}  # a run alone keeps JAX's defaults
+
+
+@pytest.mark.parametrize('name', ['XLA_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_MEM_FRACTION'])
+def test_a_sharing_setting_the_user_made_wins(name):
+  # JAX refuses both names of the fraction at once, so a user's old-named one must not gain a new-named twin.
+  env = preflight.sharing_env(2, {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'})
+  assert env == {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'}
