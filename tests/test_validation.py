@@ -1,6 +1,6 @@
 """Bad input fails fast: before anything is compiled, exit status 1 and one `error:` line on stderr that names the
-key and the fix, no traceback. Most kinds are checked in-process through `validate.check_config` (what the CLI
-calls first); a set of them, and those found only while the data is opened, through the CLI itself."""
+key and the fix, no traceback. Most kinds are checked in-process through `validate.check_config` (what every
+`loop.Run` calls first); a set of them, and those found only while the data is opened, through the CLI itself."""
 
 import concurrent.futures
 import importlib.util
@@ -118,6 +118,16 @@ def test_a_kernel_the_variant_lacks_is_refused_before_any_data(variant, tmp_path
     validate.check_config(config, str(tmp_path / 'run'))
   assert_one_line_naming(str(error.value), 'model.attention_impl')
   assert 'diff_v1 only' in str(error.value) and not data_dir.exists()
+
+
+def test_a_run_built_from_python_is_checked_before_its_workdir_or_data(tmp_path):
+  # A notebook builds `loop.Run` itself, without the train command: the same one-line refusal, nothing written.
+  from diffjax.train import loop
+  config = tiny_config(train__warmup_steps=60, data__data_dir=str(tmp_path / 'data'))
+  with pytest.raises(ConfigError) as error:
+    loop.Run(config, str(tmp_path / 'run'))
+  assert_one_line_naming(str(error.value), 'train.warmup_steps')
+  assert not (tmp_path / 'run').exists() and not (tmp_path / 'data').exists()
 
 
 def test_zero_warmup_is_allowed(tmp_path):

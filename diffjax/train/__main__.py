@@ -37,7 +37,7 @@ from diffjax import cli  # noqa: E402
 from diffjax.data import prepare  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
 from diffjax.infer import generate  # noqa: E402
-from diffjax.train import loop, metrics, validate  # noqa: E402
+from diffjax.train import loop, metrics  # noqa: E402
 from diffjax.train import workdir as workdir_lib  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
@@ -120,7 +120,6 @@ def train(watcher: loop.PreemptionWatcher):
     join_processes()
   elif COORDINATOR.value or NUM_PROCESSES.value is not None or PROCESS_ID.value is not None:
     raise ConfigError('--coordinator_address, --num_processes and --process_id need --multihost')
-  validate.check_config(config, workdir)
   watcher.cleanups.append(lambda: remove_partial_data(config.data))
   run = loop.Run(config, workdir, launched=LAUNCHED)
   summary = run.train(watcher)

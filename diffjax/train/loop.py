@@ -23,6 +23,7 @@ from diffjax.run import defaults
 from diffjax.train import metrics as metrics_lib
 from diffjax.train import optim
 from diffjax.train import step as train_step
+from diffjax.train import validate
 from diffjax.train import workdir as workdir_lib
 
 
@@ -177,6 +178,8 @@ class Run:
     """
     self.started = time.perf_counter() if launched is None else launched
     self.config, self.workdir = config, os.path.abspath(workdir)
+    # Here rather than in the train command, so a run built from Python (a notebook) is refused in one line too.
+    validate.check_config(config, self.workdir)
     workdir_lib.claim(self.workdir)
     self.checkpoints = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'checkpoints'),
                                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
