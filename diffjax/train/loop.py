@@ -150,8 +150,9 @@ def wait_for_step(outputs):
 
 
 def memory_after_first_step() -> dict:
-  """What the device's allocator holds once the first step has run, and the largest block it could still hand out
-  in one piece: a later step that fails to allocate where these leave room points at fragmentation. {} on CPUs."""
+  """What the device's allocator holds once the first step has run, its limit, and the largest block it could still
+  hand out in one piece (where the allocator reports them; {} on CPUs): a later step that fails to allocate is then
+  told apart from one that simply does not fit."""
   memory = jax.local_devices()[0].memory_stats() or {}
   names = {'bytes_in_use': 'memory_in_use_gib', 'largest_free_block_bytes': 'largest_free_block_gib',
            'bytes_limit': 'memory_limit_gib'}
