@@ -17,24 +17,24 @@ def test_each_step_is_dispatched_only_after_the_one_two_before_has_run(tmp_path,
                                      log__eval_every_steps=STEPS, log__every_steps=5))
   (tmp_path / 'run').mkdir()
   run = trainer.Run(config, str(tmp_path / 'run'))
-  step_of, waited, dispatched_after = {}, set(), {}
+  # Every step's metrics are kept, in order: an id() of a freed object can be handed to a later one.
+  dispatched_metrics, waited, dispatched_after = [], set(), {}
   real_step, real_wait = run.train_fn, trainer.wait_for_step
 
   def train_fn(state, batch):
-    step = len(step_of) + 1
-    dispatched_after[step] = set(waited)
+    dispatched_after[len(dispatched_metrics) + 1] = set(waited)
     state, metrics = real_step(state, batch)
-    step_of[id(metrics)] = step
+    dispatched_metrics.append(metrics)
     return state, metrics
 
   def wait_for_step(outputs):
-    waited.add(step_of[id(outputs)])
+    waited.add(next(i for i, metrics in enumerate(dispatched_metrics, 1) if metrics is outputs))
     real_wait(outputs)
 
   run.train_fn = train_fn
   monkeypatch.setattr(trainer, 'wait_for_step', wait_for_step)
   run.train()
-  assert len(step_of) == STEPS
+  assert len(dispatched_metrics) == STEPS
   for step in range(3, STEPS + 1):
     assert step - 2 in dispatched_after[step], (step, sorted(dispatched_after[step]))
 
