@@ -132,8 +132,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> list[dict]:
 
 def abstract_params(cfg: ModelConfig):
   """Parameter shapes (with their logical partitioning boxes) without allocating anything."""
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
 
 
 def count_params(params) -> int:
