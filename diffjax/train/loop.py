@@ -349,7 +349,12 @@ class Run:
         if profiler.after_step(step, (state, step_metrics)):
           write_pending()
           restart_window(step)  # traced steps run slower, so they stay out of the throughput
-        self.checkpoints.check()  # a failed asynchronous save ends the run before another step
+        # A failed asynchronous save ends the run before another step. The step before the next save waits for the
+        # last one to end, so that however slow the disk, no step reaches the next save past a failed one.
+        if (step + 1) % config.checkpoint.every_steps == 0:
+          self.checkpoints.wait()
+        else:
+          self.checkpoints.check()
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
           # Seconds from launch at which the data, the state and the first step (compiled and run) were ready.
