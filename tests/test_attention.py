@@ -382,6 +382,14 @@ def test_cudnn_without_gpu_is_a_config_error():
     module.apply({'params': random_params(module, x)}, x)
 
 
+@pytest.mark.skipif(jax.default_backend() == 'gpu' and attention.tokamax_installed(),
+                    reason='checks the error raised where tokamax cannot run')
+def test_tokamax_where_it_cannot_run_is_a_config_error(monkeypatch):
+  with pytest.raises(ConfigError, match=r"^model\.attention_impl: 'tokamax' needs an NVIDIA GPU and the tokamax "
+                                        r"package \(pip install 'diffjax\[tokamax\]'"):
+    attention.resolve_impl(tiny_config(attention_impl='tokamax', dtype='bfloat16'))
+
+
 def test_cudnn_needs_half_precision_everywhere():
   with pytest.raises(ConfigError, match=r'^model\.attention_impl: .*(no GPU|bfloat16)'):
     attention.resolve_impl(tiny_config(attention_impl='cudnn', dtype='float32'))

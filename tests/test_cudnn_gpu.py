@@ -135,10 +135,12 @@ def test_auto_picks_cudnn_for_bf16():
   assert attention.resolve_impl(tiny_config(attention_impl='auto', dtype='bfloat16', d_model=512)) == 'cudnn'
 
 
+@pytest.mark.parametrize('impl', ['cudnn', 'tokamax'])
 @pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
-def test_document_mask_cudnn_matches_xla(variant):
-  # Segment ids reach cuDNN as a mask beside its causal one; the XLA path is checked against each document alone
-  # in test_document_mask.py.
+def test_document_mask_cudnn_matches_xla(variant, impl):
+  # Segment ids reach cuDNN and tokamax as a mask beside their causal one; the XLA path is checked against each
+  # document alone in test_document_mask.py.
+  _skip_unless_runs(impl)
   b, seq, d = 2, 128, 64
   rng = np.random.default_rng(8)
   segments = jnp.asarray(np.cumsum(rng.random((b, seq)) < 0.05, axis=1), jnp.int32)
@@ -154,20 +156,27 @@ def test_document_mask_cudnn_matches_xla(variant):
 
   probe = random_input(jax.eval_shape(functools.partial(run, impl='xla'), q, k, v).shape, seed=7)
   loss = lambda q, k, v, impl: jnp.sum(run(q, k, v, impl) * probe)
-  outputs = {impl: jax.jit(run, static_argnums=3)(q, k, v, impl) for impl in ('cudnn', 'xla')}
-  assert _rel(outputs['cudnn'], outputs['xla']) < FORWARD_TOL
-  grads = {impl: jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, impl)
-           for impl in ('cudnn', 'xla')}
-  for name, g_cudnn, g_xla in zip('qkv', grads['cudnn'], grads['xla']):
-    assert _rel(g_cudnn, g_xla) < GRAD_TOL, (name, _rel(g_cudnn, g_xla))
+  fast, reference = (jax.jit(run, static_argnums=3)(q, k, v, i) for i in (impl, 'xla'))
+  assert _rel(fast, reference) < FORWARD_TOL
+  fast_grads, reference_grads = (jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, i)
+                                 for i in (impl, 'xla'))
+  for name, g_fast, g_xla in zip('qkv', fast_grads, reference_grads):
+    assert _rel(g_fast, g_xla) < GRAD_TOL, (name, _rel(g_fast, g_xla))
 
 
-@pytest.mark.parametrize('impl', ['cudnn_wide', 'cudnn_split'])
-@pytest.mark.parametrize('segments', [False, True])
-def test_diff_v1_cudnn_forms_match_xla(impl, segments):
-  """Both cuDNN forms of DIFF V1 (one call per map on 2D-wide values; each map on both halves of V) against XLA."""
+def _skip_unless_runs(impl):
   if impl == 'cudnn_wide' and not attention.cudnn_takes_wide_values():
     pytest.skip('this cuDNN or GPU does not take values wider than keys')
+  if impl == 'tokamax' and not attention.tokamax_installed():
+    pytest.skip("tokamax is not installed (pip install 'diffjax[tokamax]')")
+
+
+@pytest.mark.parametrize('impl', ['cudnn_wide', 'cudnn_split', 'tokamax'])
+@pytest.mark.parametrize('segments', [False, True])
+def test_diff_v1_cudnn_forms_match_xla(impl, segments):
+  """Both cuDNN forms of DIFF V1 (one call per map on 2D-wide values; each map on both halves of V), and tokamax's
+  Mosaic GPU kernel on 2D-wide values, against XLA."""
+  _skip_unless_runs(impl)
   b, t, h, g, d = 2, 256, 4, 2, 64
   q, k = (jnp.asarray(random_input((b, t, 2 * n, d), seed=s), jnp.bfloat16) for n, s in ((h, 1), (g, 2)))
   v = jnp.asarray(random_input((b, t, g, 2 * d), seed=3), jnp.bfloat16)

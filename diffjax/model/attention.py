@@ -18,6 +18,7 @@ the identity compiles away; the cuDNN and Pallas paths have no logits to show an
 
 import contextlib
 import functools
+import importlib
 import logging
 
 import flax.linen as nn
@@ -65,8 +66,10 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
   On a TPU `auto` is 'splash'; on an NVIDIA GPU it is 'cudnn' where cuDNN takes the dtype and head width. The
   platform is this machine's, or the one a program is being compiled for (`compiling_for`).
 
+  'tokamax' (tokamax's Mosaic GPU flash kernels, an optional GPU dependency) is only ever chosen by name.
+
   With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask. So
-  do 'pallas' and 'splash' at a `seq_len` their tiles do not divide: state creation traces the model on a few
+  do 'pallas', 'splash' and 'tokamax' at a `seq_len` their tiles do not divide: state creation traces the model on a few
   tokens, and such short sequences cost nothing to run either way.
   """
   requested, head_dim = cfg.attention_impl, cfg.head_dim
@@ -85,13 +88,17 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
                       "for the slow interpret mode on CPU); use 'auto' or 'xla'")
   if requested == 'pallas' and not kernels.head_dim_supported(head_dim):
     raise ConfigError(f"model.attention_impl: 'pallas' needs a power-of-two head width >= 16, not {head_dim}")
+  if requested == 'tokamax' and not (on_gpu and tokamax_installed()):
+    raise ConfigError("model.attention_impl: 'tokamax' needs an NVIDIA GPU and the tokamax package (pip install "
+                      "'diffjax[tokamax]', JAX 0.11.1 or later); use 'auto' or 'cudnn'")
   if requested == 'splash' and not (on_tpu or kernels.interpret_requested()):
     raise ConfigError(f"model.attention_impl: 'splash' needs a TPU (or {kernels.INTERPRET_ENV}=1 for the slow "
                       "interpret mode elsewhere); use 'auto' or 'xla'")
   if requested == 'auto' and on_tpu:
     requested = 'splash'
   if cached or (seq_len is not None and (requested == 'pallas' and not kernels.runs_at(seq_len, head_dim)
-                                         or requested == 'splash' and not splash.runs_at(seq_len))):
+                                         or requested == 'splash' and not splash.runs_at(seq_len)
+                                         or requested == 'tokamax' and seq_len % TOKAMAX_BLOCK)):
     return 'xla'
   if requested != 'auto':
     return requested
@@ -102,6 +109,20 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
     logging.warning('attention_impl=auto: cuDNN flash attention needs bf16/fp16 and head width <= 128 '
                     '(multiple of 8); falling back to the XLA path')
   return 'xla'
+
+
+# tokamax's Mosaic GPU kernels tile sequences by 64; state creation's few tokens run the einsum path instead.
+TOKAMAX_BLOCK = 64
+
+
+@functools.cache
+def tokamax_installed() -> bool:
+  """Whether tokamax (an optional GPU dependency: it needs JAX 0.11.1 or later) can be imported here."""
+  try:
+    importlib.import_module('tokamax')
+    return True
+  except Exception:  # not installed, or installed beside a JAX older than it needs
+    return False
 
 
 _compile_target = []
@@ -174,6 +195,8 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   """
   if impl == 'splash':
     return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, interpret=_interpret())
+  if impl == 'tokamax':
+    return _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
     mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
@@ -222,6 +245,16 @@ def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
       mask_type=cudnn_attention.MaskType.CAUSAL).astype(jnp.float32)
 
 
+def _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
+  """Causal GQA attention through tokamax's Mosaic GPU flash kernel, forward and backward, which takes a value
+  width W other than D; returns (B, T, N, W) float32."""
+  import tokamax
+  mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+  return tokamax.dot_product_attention(
+      q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
+      is_causal=True, implementation='mosaic').astype(jnp.float32)
+
+
 def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
                       segment_ids_BxT=None, observer=None):
   """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
@@ -237,10 +270,10 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
   if impl == 'cudnn':
     impl = f'cudnn_{cudnn_diff_v1_form(d)}'
-  if impl in ('cudnn_wide', 'splash'):
+  if impl in ('cudnn_wide', 'splash', 'tokamax'):
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
-    wide = (functools.partial(splash.splash_attention, interpret=_interpret()) if impl == 'splash'
-            else _wide_value_attention)
+    wide = {'splash': functools.partial(splash.splash_attention, interpret=_interpret()),
+            'cudnn_wide': _wide_value_attention, 'tokamax': _tokamax_attention}[impl]
     a1v, a2v = (wide(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT) for c in (0, 1))
     return a1v - lam * a2v
   if impl == 'cudnn_split':

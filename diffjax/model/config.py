@@ -11,7 +11,7 @@ from diffjax.errors import ConfigError
 from diffjax.keys import Key, check_section
 
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash', 'tokamax')
 ROPE_PAIRINGS = ('interleaved', 'half')
 # What a rematerialised block saves for its backward pass (None: nothing, as `jax.checkpoint` does by default).
 # Weight matmuls have no batch dimensions; attention's score and value products (batched over heads) do, so 'dots'
