@@ -390,6 +390,35 @@ def test_tokamax_where_it_cannot_run_is_a_config_error(monkeypatch):
     attention.resolve_impl(tiny_config(attention_impl='tokamax', dtype='bfloat16'))
 
 
+@pytest.mark.skipif(not attention.tokamax_installed(), reason="tokamax is not installed (pip install "
+                                                             "'diffjax[tokamax]', Python 3.12+)")
+@pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
+@pytest.mark.parametrize('segments', [False, True])
+def test_tokamax_path_matches_xla(variant, segments, monkeypatch):
+  # tokamax's own XLA implementation stands in for its GPU kernel, which test_cudnn_gpu.py checks on a GPU: what is
+  # checked here is the path around it (DIFF V1's maps against the 2d-wide values, the GQA layout, the document
+  # mask and the scale), forward and backward.
+  monkeypatch.setattr(attention, 'TOKAMAX_KERNEL', 'xla')
+  b, t, heads, groups, d = 2, 128, 4, 2, 16
+  q = jnp.asarray(random_input((b, t, 2 * heads if variant == 'diff_v1' else heads, d), seed=1))
+  k = jnp.asarray(random_input((b, t, 2 * groups if variant == 'diff_v1' else groups, d), seed=2))
+  v = jnp.asarray(random_input((b, t, groups, 2 * d if variant == 'diff_v1' else d), seed=3))
+  segment_ids = jnp.asarray(np.cumsum(np.random.default_rng(4).random((b, t)) < 0.05, axis=1)) if segments else None
+
+  def loss(impl, q, k, v):
+    if variant == 'diff_v1':
+      out = attention.diff_v1_attention(q, k, v, 0.37, impl, segment_ids_BxT=segment_ids)
+    else:
+      out = attention.softmax_attention(q, k, v, impl, segment_ids_BxT=segment_ids)
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+  (value, grads), (want, want_grads) = (jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2))(q, k, v)
+                                        for impl in ('tokamax', 'xla'))
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  for got, expected in zip(grads, want_grads):
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_cudnn_needs_half_precision_everywhere():
   with pytest.raises(ConfigError, match=r'^model\.attention_impl: .*(no GPU|bfloat16)'):
     attention.resolve_impl(tiny_config(attention_impl='cudnn', dtype='float32'))
