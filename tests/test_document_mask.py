@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import assert_close, random_input, random_params, tiny_config, to_float64
+from conftest import assert_close, lower_for_cuda, random_input, random_params, tiny_config, to_float64
 from diffjax.data import pipeline as data_lib
 from diffjax.model import attention, losses
 from diffjax.model import kernels as pallas_attention
@@ -146,6 +146,6 @@ def test_pallas_kernels_with_segments_lower_to_triton():
   segments = jnp.asarray(_random_segments(1, 128, seed=0))
   loss = lambda q, k, v, lam: jnp.sum(pallas_attention.diff_v1_flash_attention(
       q, k, v, lam, segment_ids_BxT=segments, block_q=64, block_k=64, interpret=False))
-  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, jnp.float32(0.6)).lower(
-      lowering_platforms=('cuda',))
+  lowered = lower_for_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
+      q, k, v, jnp.float32(0.6)))
   assert lowered.as_text().count('__gpu$xla.gpu.triton') == 3  # forward, dq, dk/dv

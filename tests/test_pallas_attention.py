@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, random_input, random_params, relative_error, tiny_config
+from conftest import assert_close, lower_for_cuda, random_input, random_params, relative_error, tiny_config
 from diffjax.errors import ConfigError
 from diffjax.model import attention
 from diffjax.model import kernels as pallas_attention
@@ -136,8 +136,8 @@ def test_kernels_lower_to_triton(dtype):
   # for one) before a GPU ever runs the kernels. Compiling the Triton IR is the GPU test's job.
   q, k, v = _inputs(1, 128, 4, 2, 32, dtype)
   loss = lambda q, k, v, lam: jnp.sum(_pallas(64, interpret=False)(q, k, v, lam))
-  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, jnp.float32(LAMBDA)).lower(
-      lowering_platforms=('cuda',))
+  lowered = lower_for_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
+      q, k, v, jnp.float32(LAMBDA)))
   assert lowered.as_text().count('__gpu$xla.gpu.triton') == 3  # forward, dq, dk/dv
 
 
