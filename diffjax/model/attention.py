@@ -13,7 +13,7 @@ scaled pre-softmax logits (B, sub-heads, T, S), entries a query cannot see set t
 (B, H, T, S) and `lambda` for DIFF V1, `probs` (B, query heads, T, S) for the others (and DIFF V2's per-token
 `lambda`). The logits also pass through the layer's `attention_logits` method, the identity, so that
 `nn.intercept_methods` can alter them (quantization studies). Without that mutable collection nothing is sown and
-the identity compiles away; the cuDNN and Pallas paths have no logits to show and sow nothing.
+the identity compiles away; the kernel paths (cuDNN, Pallas, splash, tokamax) have no logits to show and sow nothing.
 """
 
 import contextlib
@@ -69,8 +69,8 @@ def resolve_impl(cfg: ModelConfig, cached: bool = False, seq_len: int | None = N
   'tokamax' (tokamax's Mosaic GPU flash kernels, an optional GPU dependency) is only ever chosen by name.
 
   With a KV cache (`cached`, decoding) every choice runs the einsum path, the one that takes the cache's mask. So
-  do 'pallas', 'splash' and 'tokamax' at a `seq_len` their tiles do not divide: state creation traces the model on a few
-  tokens, and such short sequences cost nothing to run either way.
+  do 'pallas', 'splash' and 'tokamax' at a `seq_len` their tiles do not divide: state creation traces the model on
+  a few tokens, and such short sequences cost nothing to run either way.
   """
   requested, head_dim = cfg.attention_impl, cfg.head_dim
   on_gpu, on_tpu = target_platform() == 'gpu', target_platform() == 'tpu'
