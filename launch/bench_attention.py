@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import errors
 from diffjax.model import attention
 
 
@@ -86,7 +87,7 @@ def main():
         out = np.asarray(forward(q, k, v), np.float32)
         grads = np.concatenate([np.asarray(g, np.float32).ravel() for g in backward(q, k, v)])
       except Exception as error:  # one kernel that cannot run this shape leaves the others' rows to time
-        print(f'{variant} {impl}: {str(error).strip().splitlines()[0][:200]}', flush=True)
+        print(f'{variant} {impl}: {errors.first_line(error)}', flush=True)
         continue
       reference = (out, grads) if reference is None else reference
       memory = backward.lower(q, k, v).compile().memory_analysis()

@@ -164,6 +164,12 @@ def same_document(segment_ids_BxT, segment_ids_BxS=None):
   return segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
 
 
+def _document_mask(segment_ids_BxT):
+  """(B, 1, T, S) bool for the kernels that take a mask beside their own causal one (cuDNN, tokamax); None without
+  segment ids."""
+  return None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+
+
 def _einsum_attention(logits_spec: str, out_spec: str, q, k, v, visible_BxTxS, segment_ids_BxT, observer, maps):
   """The einsum path of both attention functions, returned float32 as `out_spec` lays it out. `logits_spec` gives
   (B, ..., T, S), whose axes between B and T flatten to the query heads N; the observer records `maps(probs)` of the
@@ -201,7 +207,7 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
     return _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
-    mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+    mask = _document_mask(segment_ids_BxT)
     return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
                                         is_causal=True, implementation='cudnn').astype(jnp.float32)
   b, t, n, d = q_BxTxNxD.shape
@@ -241,7 +247,7 @@ def cudnn_diff_v1_form(head_dim: int) -> str:
 def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
   """Causal GQA attention through cuDNN with a value width W other than D; returns (B, T, N, W) float32."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-  mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+  mask = _document_mask(segment_ids_BxT)
   return cudnn_attention.dot_product_attention(
       q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
       mask_type=cudnn_attention.MaskType.CAUSAL).astype(jnp.float32)
@@ -251,7 +257,7 @@ def _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
   """Causal GQA attention through tokamax's Mosaic GPU flash kernel, forward and backward, which takes a value
   width W other than D; returns (B, T, N, W) float32."""
   import tokamax
-  mask = None if segment_ids_BxT is None else same_document(segment_ids_BxT)[:, None]
+  mask = _document_mask(segment_ids_BxT)
   return tokamax.dot_product_attention(
       q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
       is_causal=True, implementation=TOKAMAX_KERNEL).astype(jnp.float32)
