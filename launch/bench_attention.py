@@ -7,7 +7,9 @@ relative error of the output and of the gradients against the first implementati
 the same rows as JSON. Model FLOPs follow the docs: causal attention counted at half, DIFF counted as the baseline,
 forward+backward = 3x forward. On a GPU, DIFF V1 runs cuDNN both ways: `cudnn_split` (each map against the two
 D-wide halves of V) and `cudnn_wide` (one call per map against the 2D-wide values, where cuDNN takes them);
-`attention.cudnn_diff_v1_form` picks between them from these timings. At long sequences `--impls
+`attention.cudnn_diff_v1_form` picks between them from these timings. Where tokamax is installed, `tokamax` runs its
+kernels with their default tiles and `tokamax_tuned` with the tiles its autotuner measures best for these shapes on
+this GPU (it compiles and times every candidate first, which takes minutes). At long sequences `--impls
 cudnn,cudnn_split,cudnn_wide,pallas` leaves out the XLA path, whose T x T maps would not fit.
 """
 
@@ -42,6 +44,18 @@ def kernel(variant, impl):
   return lambda q, k, v: attention.softmax_attention(q, k, v, impl)
 
 
+def tokamax_tuned(fn, args_):
+  """fn compiled with the kernel configs that tokamax's autotuner finds fastest for these arguments; tokamax reads
+  its configs when it traces, so the call is traced inside the tuned result."""
+  import tokamax
+  tuned = tokamax.autotune(jax.jit(fn), *args_, progress_bar=False)
+
+  def call(*a):
+    with tuned:
+      return fn(*a)
+  return jax.jit(call)
+
+
 def median_ms(fn, args_, iters):
   jax.block_until_ready(fn(*args_))
   times = []
@@ -63,6 +77,7 @@ def main():
   parser.add_argument('--iters', type=int, default=20)
   on_gpu = jax.default_backend() == 'gpu'
   gpu_impls = 'xla,cudnn,cudnn_split,cudnn_wide,pallas' + (',tokamax' if attention.tokamax_installed() else '')
+  # tokamax_tuned is left out by default: its autotuning takes minutes a shape.
   parser.add_argument('--impls', default=gpu_impls if on_gpu else 'xla',
                       help='implementations to time; the first one a variant runs is its reference for the errors')
   parser.add_argument('--out', default='bench_attention.json')
@@ -80,10 +95,11 @@ def main():
         continue
       if impl == 'cudnn' and variant == 'diff_v1':
         continue  # it runs one of the two forms timed on their own
-      f = kernel(variant, impl)
-      forward = jax.jit(f)
-      backward = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2)))
+      f = kernel(variant, impl.removesuffix('_tuned'))
+      g = jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2))
       try:
+        compile_ = (lambda fn: tokamax_tuned(fn, (q, k, v))) if impl == 'tokamax_tuned' else jax.jit
+        forward, backward = compile_(f), compile_(g)
         out = np.asarray(forward(q, k, v), np.float32)
         grads = np.concatenate([np.asarray(g, np.float32).ravel() for g in backward(q, k, v)])
       except Exception as error:  # one kernel that cannot run this shape leaves the others' rows to time
@@ -101,12 +117,12 @@ def main():
       row['fwd_tflops'] = forward_flops / row['fwd_ms'] / 1e9
       row['fwd_bwd_tflops'] = 3 * forward_flops / row['fwd_bwd_ms'] / 1e9
       rows.append(row)
-  header = f'{"variant":<9} {"impl":<11} {"fwd ms":>8} {"fwd+bwd ms":>11} {"fwd TF/s":>9} {"f+b TF/s":>9} ' \
+  header = f'{"variant":<9} {"impl":<13} {"fwd ms":>8} {"fwd+bwd ms":>11} {"fwd TF/s":>9} {"f+b TF/s":>9} ' \
            f'{"temp MiB":>9} {"rel err":>9} {"grad err":>9}'
   print(f'{rows[0]["device"]}, {rows[0]["shape"]}; errors against each variant\'s first row')
   print(header)
   for r in rows:
-    print(f'{r["variant"]:<9} {r["impl"]:<11} {r["fwd_ms"]:>8.3f} {r["fwd_bwd_ms"]:>11.3f} {r["fwd_tflops"]:>9.1f} '
+    print(f'{r["variant"]:<9} {r["impl"]:<13} {r["fwd_ms"]:>8.3f} {r["fwd_bwd_ms"]:>11.3f} {r["fwd_tflops"]:>9.1f} '
           f'{r["fwd_bwd_tflops"]:>9.1f} {r["fwd_bwd_temp_mib"]:>9.0f} {r["rel_err"]:>9.2e} {r["grad_rel_err"]:>9.2e}')
   with open(args.out, 'w') as f:
     json.dump(rows, f, indent=2)
