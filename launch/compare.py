@@ -15,7 +15,9 @@ own draw of it, and says so.
 
 For each arm it reports the gap of its final validation loss to the reference arm's (arm minus reference, so
 positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, as a
-table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm).
+table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm). Its tokens/s is the
+median over the runs of the arm that had the accelerator to themselves (`--parallel=1`); runs trained side by side
+are left out of it.
 
 Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
 resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs`
@@ -301,6 +303,26 @@ def last_error(log_path: str) -> str:
   return (errors or lines or ['(empty log)'])[-1]
 
 
+SHARING_FILE = 'compare_sharing.json'
+
+
+def trained_alongside(run: Run) -> int:
+  """The most trainings that shared the accelerator with any part of this run (1: it trained alone)."""
+  try:
+    with open(os.path.join(run.workdir, SHARING_FILE)) as f:
+      return int(json.load(f)['parallel'])
+  except (OSError, ValueError, KeyError):
+    return 1
+
+
+def note_sharing(run: Run, parallel: int):
+  """Keeps in the run's folder how many trainings shared the accelerator with it, so that the report quotes
+  throughput only of runs that had it to themselves."""
+  most = max(parallel, trained_alongside(run))
+  with open(os.path.join(run.workdir, SHARING_FILE), 'w') as f:
+    json.dump({'parallel': most}, f)
+
+
 def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
   """Trains the runs, at most `args.parallel` at a time, printing each one's progress every `args.progress_every`
   seconds; each run logs to its workdir's train.log. Raises ConfigError when a run fails or stops early."""
@@ -311,6 +333,7 @@ def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
       while waiting and len(running) < args.parallel and not stop.requested:
         index, run = waiting.pop(0)
         os.makedirs(run.workdir, exist_ok=True)
+        note_sharing(run, args.parallel)
         log_path = os.path.join(run.workdir, 'train.log')
         resumed = 'resuming' if checkpoint_lib.completed_steps(os.path.join(run.workdir, 'checkpoints')) else 'training'
         print(f'{index} {run.name}: {resumed} in {run.workdir} (log: {log_path})', flush=True)
@@ -351,8 +374,8 @@ def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
 
 
 def summarise(run: Run) -> dict:
-  """Final validation loss, the loss curves (the last record of a step replayed after a resume wins) and the
-  median throughput of a finished run."""
+  """Final validation loss, the loss curves (the last record of a step replayed after a resume wins), the median
+  throughput of a finished run and how many trainings shared the accelerator with it."""
   records = {}
   for record in metrics.read_records(run.workdir):
     records.setdefault(record['step'], {}).update(record)
@@ -361,7 +384,7 @@ def summarise(run: Run) -> dict:
   evals = [(s, records[s]['eval_loss']) for s in steps if 'eval_loss' in records[s]]
   speeds = [records[s]['tokens_per_s'] for s in steps if 'tokens_per_s' in records[s]]
   return {'final_eval_loss': evals[-1][1], 'final_step': evals[-1][0], 'evals': evals, 'curve': curve,
-          'median_tokens_per_s': float(np.median(speeds)) if speeds else None}
+          'median_tokens_per_s': float(np.median(speeds)) if speeds else None, 'trained_alongside': trained_alongside(run)}
 
 
 def paired_gap(arm_losses: dict[int, float], reference_losses: dict[int, float]) -> dict | None:
@@ -400,8 +423,9 @@ def report(arms: list[Arm], reference: Arm, results: dict[tuple[str, int], dict]
   out = {}
   for arm in arms:
     losses = final[arm.name]
+    # Throughput of runs that shared the accelerator says nothing about the arm, so only runs alone count.
     speeds = [r['median_tokens_per_s'] for (name, _), r in results.items() if name == arm.name
-              and r['median_tokens_per_s']]
+              and r['median_tokens_per_s'] and r['trained_alongside'] == 1]
     out[arm.name] = {'variant': arm.variant, 'overrides': list(arm.overrides),
                      'final_eval_loss': {str(s): loss for s, loss in sorted(losses.items())},
                      'mean_final_eval_loss': float(np.mean(list(losses.values()))) if losses else None,

@@ -202,6 +202,27 @@ def test_the_verdict_says_worse_or_better_the_right_way_round():
   assert 'one seed' in compare.verdict('a', 'b', compare.paired_gap({0: 1.0}, {0: 1.1}))
 
 
+def test_throughput_counts_only_runs_that_had_the_accelerator_alone(tmp_path):
+  args, arms, reference, _, runs = _configure(tmp_path / 'runs', {}, '--arms=baseline,diff_v1', '--seeds=0,1')
+  by_name = {(run.arm.name, run.seed): run for run in runs}
+  for run in runs:
+    os.makedirs(run.workdir)
+  compare.note_sharing(by_name['baseline', 1], 2)
+  compare.note_sharing(by_name['baseline', 1], 1)  # resumed alone: part of it still shared, so it stays out
+  compare.note_sharing(by_name['diff_v1', 0], 2)
+  compare.note_sharing(by_name['diff_v1', 1], 3)
+  assert [compare.trained_alongside(run) for run in runs] == [1, 2, 2, 3]  # baseline 0 was never noted: alone
+  results = {key: {'final_eval_loss': 1.0, 'median_tokens_per_s': speed,
+                   'trained_alongside': compare.trained_alongside(by_name[key])}
+             for key, speed in {('baseline', 0): 900.0, ('baseline', 1): 450.0, ('diff_v1', 0): 400.0,
+                                ('diff_v1', 1): 300.0}.items()}
+  summary = compare.report(arms, reference, results)
+  assert summary['baseline']['median_tokens_per_s'] == 900.0
+  assert summary['diff_v1']['median_tokens_per_s'] is None
+  row = compare.table(arms, reference, summary).splitlines()[2]
+  assert row.startswith('diff_v1') and ' - ' in row and '400' not in row
+
+
 # --- The command, end to end. ------------------------------------------------------------------------------------
 
 
