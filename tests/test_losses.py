@@ -53,6 +53,38 @@ def numpy_losses(hidden, kernel, targets, mask, z_loss):
   return sums, dlogits @ kernel.T, np.einsum('bte,btv->ev', hidden, dlogits)
 
 
+def test_cross_entropy_matches_float64_and_optax():
+  rng = np.random.default_rng(4)
+  logits = (rng.normal(size=(BATCH, SEQ, 37)) * 3).astype(np.float32)
+  targets = rng.integers(0, 37, (BATCH, SEQ)).astype(np.int32)
+  (ce, lse), vjp = jax.vjp(lambda x: losses.cross_entropy(x, targets), logits)
+  x64 = logits.astype(np.float64)
+  expected_lse = np.log(np.exp(x64).sum(-1))
+  expected_ce = expected_lse - np.take_along_axis(x64, targets[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(ce, expected_ce, rtol=1e-6, atol=1e-6 * np.abs(expected_lse).max())  # float32 lse - logit
+  np.testing.assert_allclose(lse, expected_lse, rtol=1e-6)
+  np.testing.assert_array_equal(ce, optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+  weights = rng.normal(size=(BATCH, SEQ))  # an arbitrary cotangent for ce, none for lse
+  (d_logits,) = vjp((jnp.asarray(weights, jnp.float32), jnp.zeros((BATCH, SEQ), jnp.float32)))
+  expected = (np.exp(x64 - expected_lse[..., None]) - np.eye(37)[targets]) * weights[..., None]
+  np.testing.assert_allclose(d_logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_gradient_has_no_scatter():
+  """The target's logit is picked by an index comparison, so the backward pass builds no (tokens, V) scatter."""
+  logits, targets = jnp.zeros((BATCH, SEQ, 37)), jnp.zeros((BATCH, SEQ), jnp.int32)
+  program = jax.jit(jax.grad(lambda x: jnp.sum(losses.cross_entropy(x, targets)[0]))).lower(logits).as_text()
+  assert 'scatter' not in program
+  gathered = lambda x: jnp.sum(jnp.take_along_axis(x, targets[..., None], axis=-1))  # what the check would catch
+  assert 'scatter' in jax.jit(jax.grad(gathered)).lower(logits).as_text()
+
+
+def test_a_zero_z_loss_is_not_computed():
+  lse, mask = jnp.full((4,), jnp.inf), jnp.ones((4,))  # a computed 0 * inf would be nan
+  assert float(losses.z_term(0.0, lse, mask)) == 0.0
+  assert float(losses.z_term(0.5, jnp.full((4,), 2.0), mask)) == 8.0
+
+
 @functools.cache
 def _module_fn(z_loss: float, chunk: int):
   def total(hidden, kernel, targets, mask):

@@ -11,10 +11,25 @@ matmul per chunk in the backward pass.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from diffjax.model import transformer as model_lib
 from diffjax.model.config import ModelConfig
+
+
+def cross_entropy(logits_NxV, targets_N):
+  """(cross-entropy, logsumexp) of each row of float32 logits against its target index, as optax's integer-label
+  cross-entropy gives them. The target's logit is picked by comparing the vocabulary index with the target, not
+  gathered: a gather's gradient is a scatter into a (tokens, V) float32 buffer that XLA writes, scatters into and
+  converts in passes of its own, while the comparison's gradient fuses into the softmax gradient's one pass."""
+  lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+  is_target_NxV = jnp.arange(logits_NxV.shape[-1]) == targets_N[..., None]
+  return lse_N - jnp.sum(jnp.where(is_target_NxV, logits_NxV, 0.0), axis=-1), lse_N
+
+
+def z_term(z_loss: float, lse_N, mask_N):
+  """z * the masked sum of logsumexp^2; with z = 0 it is not computed at all (a product with 0 is not dropped by
+  XLA, and its gradient would be another pass over the logits)."""
+  return z_loss * jnp.sum(jnp.square(lse_N) * mask_N) if z_loss else jnp.zeros((), jnp.float32)
 
 
 def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss: float, chunk: int):
@@ -46,9 +61,8 @@ def chunked_token_losses(hidden_BxTxE, kernel_ExV, targets_BxT, mask_BxT, z_loss
   @jax.checkpoint
   def chunk_sums(kernel_ExV, hidden_CxE, targets_C, mask_C):
     logits_CxV = jnp.dot(hidden_CxE, kernel_ExV.astype(hidden_CxE.dtype)).astype(jnp.float32)
-    lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
-    target_C = jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
-    return jnp.sum((lse_C - target_C) * mask_C), z_loss * jnp.sum(jnp.square(lse_C) * mask_C)
+    ce_C, lse_C = cross_entropy(logits_CxV, targets_C)
+    return jnp.sum(ce_C * mask_C), z_term(z_loss, lse_C, mask_C)
 
   ce_N, z_N = jax.lax.map(lambda xs: chunk_sums(kernel_ExV, *xs), (hidden_NxCxE, targets_NxC, chunk_mask_NxC))
   return jnp.sum(ce_N), jnp.sum(z_N), jnp.sum(mask_BxT)
@@ -78,9 +92,8 @@ def token_losses(cfg: ModelConfig, params, batch, z_loss: float, chunk_tokens: i
                                 batch['mask'], z_loss, chunk_tokens)
   logits_BxTxV = model.apply({'params': params}, batch['inputs'], segment_ids_BxT=segments_BxT)
   mask_BxT = batch['mask'].astype(jnp.float32)
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
-  z_BxT = z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
-  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(z_BxT * mask_BxT), jnp.sum(mask_BxT)
+  ce_BxT, lse_BxT = cross_entropy(logits_BxTxV, batch['targets'])
+  return jnp.sum(ce_BxT * mask_BxT), z_term(z_loss, lse_BxT, mask_BxT), jnp.sum(mask_BxT)
 
 
 def eval_step(cfg: ModelConfig, params, batch, loss_chunk_tokens: int = 0):
