@@ -13,7 +13,21 @@ With `--data` the step runs on real batches of that corpus (prepared first where
 each timed step on another batch: some costs depend on the tokens (a scatter-add into rows that many tokens share,
 for one), and random tokens spread evenly hide them. Without it, random tokens over `--vocab`. The first line of the
 table names the data. Prints a table and writes JSON (`--out`).
+
+With `--hf`, each variant that has a Hugging Face twin (DiffLlama for diff_v1, Llama for the baseline) is also timed
+as PyTorch users train it, on the same batches and in the same microbatches, before the JAX rows take the GPU:
+SDPA attention, autocast to the config's compute dtype over float32 weights, `torch.compile` on a GPU, the loss
+from float32 logits, global-norm clipping and fused AdamW with the config's hyper-parameters (a constant learning
+rate), Hugging Face's own initial weights. Its MFU counts the same model FLOPs as the diffjax row.
 """
+
+import os
+import sys
+
+# With --hf PyTorch trains first, so JAX must not take the GPU's memory when it starts.
+if any(a.split('=')[0] == '--hf' and a.split('=', 1)[-1].lower() not in ('false', '0') for a in sys.argv):
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
 
 import json
 import time
@@ -25,7 +39,9 @@ from ml_collections import config_flags
 
 from diffjax import cli
 from diffjax.data import pipeline as data
+from diffjax.infer import hf
 from diffjax.model import sharding
+from diffjax.model.attention import LAMBDA_VECTORS
 from diffjax.model import transformer as model
 from diffjax.run import checkpoint, defaults
 from diffjax.train import metrics, optim
@@ -87,7 +103,6 @@ def bench(config, variant, batches, steps, init_from=''):
   jax.block_until_ready(out)
   seconds = (time.perf_counter() - start) / steps
   tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
-  peak = metrics.peak_flops_per_device(config.log.peak_flops_per_device)
   stats = jax.devices()[0].memory_stats() or {}
   return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'data': batches.name, 'vocab_size': cfg.vocab_size,
@@ -96,9 +111,83 @@ def bench(config, variant, batches, steps, init_from=''):
           'remat': cfg.remat_policy if cfg.remat else 'off', 'loss_chunk_tokens': tc.loss_chunk_tokens,
           'opt_moments_dtype': tc.opt_moments_dtype, 'step_ms': seconds * 1e3,
           'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s, 'first_step_s': compile_and_first,
-          'mfu': tokens_per_s * metrics.flops_per_token(cfg, tc.seq_len) / (jax.device_count() * peak) if peak else None,
+          'mfu': model_flops_utilisation(config, cfg, tokens_per_s, jax.device_count()),
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
           'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'final_loss': float(out['loss'])}
+
+
+def model_flops_utilisation(config, cfg, tokens_per_s: float, devices: int) -> float | None:
+  peak = metrics.peak_flops_per_device(config.log.peak_flops_per_device)
+  return tokens_per_s * metrics.flops_per_token(cfg, config.train.seq_len) / (devices * peak) if peak else None
+
+
+def bench_hf(config, variant, batches, steps) -> dict | None:
+  """The Hugging Face twin of `variant` trained on the same batches (module docstring); None without a twin."""
+  import torch  # pylint: disable=import-outside-toplevel  (only --hf needs PyTorch)
+  config = config.copy_and_resolve_references()
+  config.model.variant = variant
+  cfg = defaults.model_config(config, batches.vocab_size)
+  if variant not in hf.ARCHITECTURES:
+    return None
+  tc = config.train
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  start = time.perf_counter()
+  model = hf.hf_model(cfg, attn_implementation='sdpa').to(device).train()
+  # Decayed as diffjax decays (optim.decay_mask): the matrices, not norm scales or the λ vectors.
+  decays = lambda name, p: p.ndim >= 2 and name.rsplit('.', 1)[-1] not in LAMBDA_VECTORS
+  groups = [{'params': [p for n, p in model.named_parameters() if decays(n, p) == flag],
+             'weight_decay': tc.weight_decay if flag else 0.0} for flag in (True, False)]
+  optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps,
+                                fused=device == 'cuda')
+  forward = torch.compile(model) if device == 'cuda' else model
+  compute_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(config.model.dtype)
+  to_device = lambda x, dtype: torch.from_numpy(np.asarray(x)).to(device, dtype)
+  device_batches = [{'inputs': to_device(b['inputs'], torch.long), 'targets': to_device(b['targets'], torch.long),
+                     'mask': to_device(b['mask'], torch.float32)} for b in batches.host_batches]
+  init_s = time.perf_counter() - start
+
+  def step(batch):
+    tokens = batch['mask'].sum()
+    for part in zip(*(batch[k].chunk(tc.microbatches) for k in ('inputs', 'targets', 'mask'))):
+      inputs, targets, mask = part
+      with torch.autocast(device, dtype=compute_dtype, enabled=compute_dtype is not None):
+        logits = forward(input_ids=inputs).logits
+      losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction='none')
+      loss = (losses * mask.flatten()).sum() / tokens
+      loss.backward()
+    if tc.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+  def run(count: int, first: int) -> float:
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(count):
+      loss = step(device_batches[(first + i) % len(device_batches)])
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return time.perf_counter() - start, float(loss)
+
+  compile_s, _ = run(3, 0)  # torch.compile traces and compiles in the first calls
+  seconds, final_loss = run(steps, 1)
+  seconds /= steps
+  tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
+  row = {'variant': f'{variant} (HF {hf.ARCHITECTURES[variant][1].removesuffix("ForCausalLM")})',
+         'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu', 'devices': 1, 'data': batches.name,
+         'vocab_size': cfg.vocab_size, 'params': sum(p.numel() for p in model.parameters()),
+         'batch': tc.global_batch_size, 'seq_len': tc.seq_len, 'microbatches': tc.microbatches,
+         'attention_impl': 'sdpa', 'remat': 'off', 'loss_chunk_tokens': 0, 'opt_moments_dtype': 'float32',
+         'step_ms': seconds * 1e3, 'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s,
+         'first_step_s': compile_s, 'mfu': None, 'temp_gib': 0.0,
+         'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else 0.0, 'final_loss': final_loss,
+         'model_config': cfg}
+  del model, optimizer, forward, device_batches
+  if device == 'cuda':
+    torch.cuda.empty_cache()  # the JAX rows that follow get the whole GPU
+  return row
 
 
 CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed.py', 'A config file; --config.KEY=VALUE sets any key.',
@@ -110,6 +199,8 @@ VOCAB = flags.DEFINE_integer('vocab', 32_000, 'Vocabulary of the random tokens (
 STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps, after one that compiles.')
 INIT_FROM = flags.DEFINE_string('init_from', '', 'Also time the first variant with the weights of this run.')
 OUT = flags.DEFINE_string('out', 'bench_train.json', 'Where the JSON rows go.')
+HF = flags.DEFINE_bool('hf', False, "Also time each variant's Hugging Face twin on the same batches (needs torch and "
+                       'transformers; see the module docstring).')
 
 
 def main(argv):
@@ -121,7 +212,11 @@ def main(argv):
   # One real batch per timed step (the first also compiles), so the timing sees the corpus's spread of tokens.
   batches = (CorpusBatches(config, STEPS.value + 1) if DATA.value
              else RandomTokens(VOCAB.value, tc.global_batch_size, tc.seq_len))
+  hf_rows = [row for v in VARIANTS.value if (row := bench_hf(config, v, batches, STEPS.value))] if HF.value else []
   rows = [bench(config, v, batches, STEPS.value) for v in VARIANTS.value]
+  for row in hf_rows:  # the peak FLOP/s comes from JAX's device, so only now that JAX has the GPU
+    row['mfu'] = model_flops_utilisation(config, row.pop('model_config'), row['tokens_per_s'], 1)
+  rows += hf_rows
   if INIT_FROM.value:
     rows.append(bench(config, VARIANTS.value[0], batches, STEPS.value, INIT_FROM.value))
   print(f'data: {batches.name}')
@@ -129,11 +224,11 @@ def main(argv):
         f'batch {tc.global_batch_size} x {tc.seq_len}, microbatches {tc.microbatches}, vocab {rows[0]["vocab_size"]}, '
         f'remat {rows[0]["remat"]}, loss chunk {rows[0]["loss_chunk_tokens"] or "off"}, '
         f'moments {rows[0]["opt_moments_dtype"]}')
-  print(f'{"variant":<19} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
+  print(f'{"variant":<24} {"params":>12} {"step ms":>9} {"tokens/s":>11} {"MFU":>6} {"temp GiB":>9} {"peak GiB":>9} '
         f'{"init s":>7} {"compile s":>9}')
   for r in rows:
     mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
-    print(f'{r["variant"]:<19} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
+    print(f'{r["variant"]:<24} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
           f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f} {r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
   with open(OUT.value, 'w') as f:
     json.dump(rows, f, indent=2)

@@ -34,8 +34,8 @@ from diffjax.model import transformer as model_lib
 from diffjax.model.attention import LAMBDA_VECTORS
 from diffjax.model.config import DTYPES, PAPER_LAMBDA_INIT, ModelConfig
 
-_ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
-_VARIANT_OF_MODEL_TYPE = {model_type: variant for variant, (model_type, _) in _ARCHITECTURES.items()}
+ARCHITECTURES = {'diff_v1': ('diffllama', 'DiffLlamaForCausalLM'), 'baseline': ('llama', 'LlamaForCausalLM')}
+_VARIANT_OF_MODEL_TYPE = {model_type: variant for variant, (model_type, _) in ARCHITECTURES.items()}
 # ModelConfig fields a Hugging Face config does not carry; from_hf takes them as keyword arguments.
 IMPORT_SETTINGS = ('rope_pairing', 'subln_scale', 'dtype', 'attention_impl', 'remat', 'remat_policy',
                    'scale_residual_init', 'document_mask')
@@ -67,7 +67,7 @@ def _reorder_qkv(cfg: ModelConfig, name: str, kernel_ExC, to_hf: bool):
 
 def hf_config(cfg: ModelConfig) -> dict:
   """The Hugging Face config dict of the model `cfg` describes; refuses what no Hugging Face class computes."""
-  if cfg.variant not in _ARCHITECTURES:
+  if cfg.variant not in ARCHITECTURES:
     raise ConfigError(f'model.variant: {cfg.variant!r} has no Hugging Face class; export diff_v1 (DiffLlama) or '
                       'baseline (Llama)')
   if cfg.variant == 'diff_v1' and not cfg.diff_head_norm:
@@ -76,7 +76,7 @@ def hf_config(cfg: ModelConfig) -> dict:
   if cfg.variant == 'diff_v1' and cfg.lambda_init_schedule != PAPER_LAMBDA_INIT:
     raise ConfigError(f'model.lambda_init: the λ_init schedule {cfg.lambda_init_schedule} has no Hugging Face class '
                       f'(DiffLlama fixes the paper\'s {PAPER_LAMBDA_INIT}); export a model trained with the defaults')
-  model_type, architecture = _ARCHITECTURES[cfg.variant]
+  model_type, architecture = ARCHITECTURES[cfg.variant]
   return {'model_type': model_type, 'architectures': [architecture], 'vocab_size': cfg.vocab_size,
           'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.n_layers,
           'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.kv_heads, 'head_dim': cfg.head_dim,
@@ -213,15 +213,17 @@ def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConf
   return cfg, params
 
 
-def hf_model(cfg: ModelConfig, params: Mapping, attn_implementation: str = 'eager'):
-  """A PyTorch Hugging Face model (float32, torch's default dtype) holding `params`; needs torch and transformers."""
+def hf_model(cfg: ModelConfig, params: Mapping | None = None, attn_implementation: str = 'eager'):
+  """A PyTorch Hugging Face model (float32, torch's default dtype) holding `params`, or without them Hugging Face's
+  own initial weights; needs torch and transformers."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  config, state_dict = to_hf(cfg, params)
+  config, state_dict = (hf_config(cfg), None) if params is None else to_hf(cfg, params)
   values = {k: v for k, v in config.items() if k != 'model_type'}
   hf_cfg = transformers.AutoConfig.for_model(config['model_type'], **values)
   model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  if state_dict is not None:
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   return model
 
 
