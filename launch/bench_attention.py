@@ -80,12 +80,13 @@ def main():
   # tokamax_tuned is left out by default: its autotuning takes minutes a shape.
   parser.add_argument('--impls', default=gpu_impls if on_gpu else 'xla',
                       help='implementations to time; the first one a variant runs is its reference for the errors')
+  parser.add_argument('--variants', default='baseline,diff_v1,diff_v2', help='variants to time')
   parser.add_argument('--out', default='bench_attention.json')
   args = parser.parse_args()
   impls = args.impls.split(',')
   forward_flops = 2.0 * args.batch * args.seq * args.seq * args.width  # 4·B·T²·E halved for causality
   rows = []
-  for variant in ('baseline', 'diff_v1', 'diff_v2'):
+  for variant in args.variants.split(','):
     q, k, v = inputs(variant, args, jax.random.key(0))
     reference = None
     for impl in impls:
