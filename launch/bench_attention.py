@@ -96,6 +96,8 @@ def main():
         continue
       if impl == 'cudnn' and variant == 'diff_v1':
         continue  # it runs one of the two forms timed on their own
+      if impl == 'tokamax_tuned':
+        print(f'{variant}: tokamax autotunes its kernels for this shape (minutes)', flush=True)
       f = kernel(variant, impl.removesuffix('_tuned'))
       g = jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2))
       try:
