@@ -19,6 +19,12 @@ table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seed
 median over the runs of the arm that had the accelerator to themselves (`--parallel=1`); runs trained side by side
 are left out of it.
 
+With `--analyses=outliers,needles` the paper's other claims are measured on each seed's trained models once all of
+its runs have finished, while their checkpoints are at hand: `python -m diffjax.outliers` (activation outliers,
+low-bit quantization) and `python -m diffjax.needles` (multi-needle retrieval and attention to the answer, on the
+config's local text files) over every arm's run of the seed, into ROOT/analyses/seedS/NAME/. A seed already
+analysed is not measured again.
+
 Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
 resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs`
 bounds one); arms and seeds may be added later. A command that would train a run of ROOT with another config, or
@@ -370,6 +376,46 @@ def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
       process.wait()
 
 
+# -- the paper's other claims on the trained runs ----------------------------------------------------------------
+
+
+def _outliers_flags(config) -> list[str]:
+  del config  # the runs' own validation windows
+  return ['--windows=64']
+
+
+def _needles_flags(config) -> list[str]:
+  if config.data.source != 'local':
+    raise ConfigError('needles builds its contexts from local text files (data.source=local, data.text_glob)')
+  # The longest prompt the model takes with room for the answer's tokens after it.
+  return [f'--text_glob={config.data.text_glob}', f'--context={config.model.max_len - 16}', '--needles=4',
+          '--queries=1', '--trials=8']
+
+
+ANALYSES = {'outliers': _outliers_flags, 'needles': _needles_flags}
+
+
+def analyse(args, seeds: list[int], runs: list[Run]):
+  """Each requested analysis of each seed whose runs all finished and kept their checkpoints (see the module
+  docstring); a seed whose runs cannot be analysed here says why and is left for later."""
+  for seed in seeds:
+    group = [run for run in runs if run.seed == seed]
+    for name in args.analyses:
+      out = os.path.join(args.root, 'analyses', f'seed{seed}', name)
+      if os.path.exists(os.path.join(out, f'{name}.json')):
+        continue
+      absent = [run.name for run in group if not run.finished()
+                or not checkpoint_lib.completed_steps(os.path.join(run.workdir, 'checkpoints'))]
+      if absent:
+        print(f'{name} of seed {seed} waits: {", ".join(absent)} not finished, or its checkpoints are gone', flush=True)
+        continue
+      command = [sys.executable, '-m', f'diffjax.{name}', *(f'--workdir={run.workdir}' for run in group),
+                 f'--out={out}', *ANALYSES[name](group[0].config)]
+      print(f'{name} of seed {seed}: {" ".join(command[1:])}', flush=True)
+      if subprocess.run(command).returncode:
+        raise ConfigError(f'{name} of seed {seed} failed (its error is above); rerun the same command to try again')
+
+
 # -- the report ------------------------------------------------------------------------------------------------
 
 
@@ -518,6 +564,9 @@ def parse_args(argv=None):
   parser.add_argument('--max_runs', type=int, default=0,
                       help='start at most this many runs in this invocation, 0 for all; the same command again '
                            'continues (default: %(default)s)')
+  parser.add_argument('--analyses', default='',
+                      help=f'comma-separated analyses of each seed\'s trained runs, of {", ".join(ANALYSES)} '
+                           '(default: none)')
   parser.add_argument('--progress_every', type=float, default=60.0,
                       help='seconds between progress lines of the runs in training (default: %(default)s)')
   args, rest = parser.parse_known_args(argv)
@@ -543,6 +592,10 @@ def configure(args) -> tuple[list[Arm], Arm, list[int], list[Run]]:
     raise ConfigError(f'--seeds: give comma-separated integers, got {args.seeds!r}') from None
   if len(set(seeds)) < len(seeds):
     raise ConfigError(f'--seeds: {args.seeds} repeats a seed')
+  args.analyses = [name for name in args.analyses.split(',') if name]
+  unknown = [name for name in args.analyses if name not in ANALYSES]
+  if unknown:
+    raise ConfigError(f'--analyses: {", ".join(unknown)} is not one of {", ".join(ANALYSES)}')
   if args.parallel < 1 or args.max_runs < 0:
     raise ConfigError('--parallel must be at least 1 and --max_runs 0 or more')
   if not os.path.isfile(args.config):
@@ -551,7 +604,10 @@ def configure(args) -> tuple[list[Arm], Arm, list[int], list[Run]]:
     if _matches(item.split('=', 1)[0], ('seed', 'model.variant', 'checkpoint.init_from')):
       raise ConfigError(f'--config.{item}: set by each arm and --seeds, not for all runs')
   load_config(args.config, args.overrides)  # so that a mistake here is not blamed on the first arm
-  return arms, reference, seeds, plan_runs(args, arms, seeds)
+  runs = plan_runs(args, arms, seeds)
+  for name in args.analyses:
+    ANALYSES[name](runs[0].config)  # an analysis this data cannot have fails now, not after the training
+  return arms, reference, seeds, runs
 
 
 def main(argv=None):
@@ -582,6 +638,11 @@ def main(argv=None):
     raise SystemExit(f'error: {error}') from None
   except KeyboardInterrupt:
     stop.requested = True
+  if args.analyses and not stop.requested:
+    try:
+      analyse(args, seeds, runs)
+    except ConfigError as error:
+      raise SystemExit(f'error: {error}') from None
   results = {(run.arm.name, run.seed): summarise(run) for run in runs if run.finished()}
   summary = report(arms, reference, results)
   text = table(arms, reference, summary)

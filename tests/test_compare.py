@@ -87,6 +87,13 @@ def test_a_bad_command_is_refused_in_one_line(tmp_path, flags, match):
   assert '\n' not in str(error.value)
 
 
+def test_an_analysis_the_data_cannot_have_is_refused_before_training(tmp_path):
+  with pytest.raises(ConfigError, match='--analyses: noise is not one of outliers, needles'):
+    _configure(tmp_path / 'runs', {}, '--analyses=outliers,noise')
+  with pytest.raises(ConfigError, match='needles builds its contexts from local text files'):
+    _configure(tmp_path / 'runs', {'data.source': 'tfds'}, '--analyses=needles')
+
+
 def test_overrides_are_written_as_in_every_other_command(tmp_path, capsys):
   args = compare.parse_args(['--config.train.steps=8', '--seeds=0', '--config.data.tokenizer=byte'])
   assert args.overrides == ['train.steps=8', 'data.tokenizer=byte'] and args.seeds == '0'
@@ -263,8 +270,14 @@ def test_a_comparison_resumes_over_invocations_and_reports_every_run(tmp_path):
       f'error: --root: {runs} holds baseline_seed0 with train.steps=12, and this command asks for 16; runs of both '
       'would not compare. Rerun the original command, or use another --root']
 
-  second = _run_compare(tmp_path, overrides)
+  second = _run_compare(tmp_path, overrides, '--analyses=outliers')
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  # Seed 1's pair trained now, checkpoints and all, so it is analysed; seed 0's baseline lost its checkpoints.
+  assert 'outliers of seed 0 waits: baseline seed 0 not finished, or its checkpoints are gone' in second.stdout
+  analysed = json.loads((runs / 'analyses' / 'seed1' / 'outliers' / 'outliers.json').read_text())
+  assert [os.path.basename(r['workdir']) for r in analysed['runs']] == ['baseline_seed1', 'diff_v1_nonorm_seed1']
+  assert all(r['step'] == 12 for r in analysed['runs'])
+  assert not (runs / 'analyses' / 'seed0').exists()
   assert '2 finished' not in second.stdout and '1 finished, 3 to train' in second.stdout
   assert (runs / 'baseline_seed0' / 'train.log').read_text() == finished_log  # not trained again
   assert 'resumed from step 8' in (runs / 'diff_v1_nonorm_seed0' / 'train.log').read_text()
