@@ -27,8 +27,8 @@ def cross_entropy(logits_NxV, targets_N):
 
 
 def z_term(z_loss: float, lse_N, mask_N):
-  """z * the masked sum of logsumexp^2; with z = 0 it is not computed at all (a product with 0 is not dropped by
-  XLA, and its gradient would be another pass over the logits)."""
+  """z * the masked sum of logsumexp^2; with z = 0 it is not computed at all: XLA keeps a product with 0 (it may
+  be NaN), so the term and its gradient over the logits would still be computed."""
   return z_loss * jnp.sum(jnp.square(lse_N) * mask_N) if z_loss else jnp.zeros((), jnp.float32)
 
 
