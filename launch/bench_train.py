@@ -124,11 +124,11 @@ def model_flops_utilisation(config, cfg, tokens_per_s: float, devices: int) -> f
 def bench_hf(config, variant, batches, steps) -> dict | None:
   """The Hugging Face twin of `variant` trained on the same batches (module docstring); None without a twin."""
   import torch  # pylint: disable=import-outside-toplevel  (only --hf needs PyTorch)
+  if variant not in hf.ARCHITECTURES:
+    return None
   config = config.copy_and_resolve_references()
   config.model.variant = variant
   cfg = defaults.model_config(config, batches.vocab_size)
-  if variant not in hf.ARCHITECTURES:
-    return None
   tc = config.train
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   start = time.perf_counter()
@@ -161,7 +161,8 @@ def bench_hf(config, variant, batches, steps) -> dict | None:
     optimizer.zero_grad(set_to_none=True)
     return loss
 
-  def run(count: int, first: int) -> float:
+  def run(count: int, first: int) -> tuple[float, float]:
+    """(seconds, the last loss) of `count` steps from batch `first` on."""
     if device == 'cuda':
       torch.cuda.synchronize()
     start = time.perf_counter()

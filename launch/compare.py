@@ -430,7 +430,8 @@ def summarise(run: Run) -> dict:
   evals = [(s, records[s]['eval_loss']) for s in steps if 'eval_loss' in records[s]]
   speeds = [records[s]['tokens_per_s'] for s in steps if 'tokens_per_s' in records[s]]
   return {'final_eval_loss': evals[-1][1], 'final_step': evals[-1][0], 'evals': evals, 'curve': curve,
-          'median_tokens_per_s': float(np.median(speeds)) if speeds else None, 'trained_alongside': trained_alongside(run)}
+          'median_tokens_per_s': float(np.median(speeds)) if speeds else None,
+          'trained_alongside': trained_alongside(run)}
 
 
 def paired_gap(arm_losses: dict[int, float], reference_losses: dict[int, float]) -> dict | None:
