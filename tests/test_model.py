@@ -1,6 +1,7 @@
 """The decoder against the float64 reference, its causality and gradients, config validation and sharding."""
 
 import dataclasses
+import re
 import functools
 import json
 
@@ -228,6 +229,22 @@ def test_remat_policies_save_what_they_say(scan_layers):
 
   sizes = {name: saved(setting) for name, setting in REMAT_SETTINGS.items()}
   assert sizes['nothing'] < sizes['dots'] < sizes['off'], sizes
+
+
+@pytest.mark.slow
+def test_dots_recomputes_no_weight_matmul():
+  """In the compiled gradient, 'nothing' runs every matmul of a block's forward pass again, 'dots' only the two
+  attention products (batched over heads, so not saved), and without remat none: counted in XLA's program."""
+  cfg = tiny_config(scan_layers=True)  # one traced block, so each count is per block
+  tokens = _tokens(cfg, seed=7)
+  params = random_params(model.Transformer(cfg), tokens, seed=7)
+
+  def matmuls(setting):
+    program = jax.jit(jax.grad(_remat_loss(dataclasses.replace(cfg, **setting), tokens))).lower(params).compile()
+    return len(re.findall(r'= \S+ dot\(', program.as_text()))
+
+  counts = {name: matmuls(setting) for name, setting in REMAT_SETTINGS.items()}
+  assert counts['dots'] == counts['off'] + 2 < counts['nothing'], counts
 
 
 # --- Shapes and finiteness with and without jit, in the default (bfloat16) compute dtype. ------------------------
