@@ -41,7 +41,6 @@ from diffjax import cli
 from diffjax.data import pipeline as data
 from diffjax.infer import hf
 from diffjax.model import sharding
-from diffjax.model.attention import LAMBDA_VECTORS
 from diffjax.model import transformer as model
 from diffjax.run import checkpoint, defaults
 from diffjax.train import metrics, optim
@@ -133,12 +132,8 @@ def bench_hf(config, variant, batches, steps) -> dict | None:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   start = time.perf_counter()
   model = hf.hf_model(cfg, attn_implementation='sdpa').to(device).train()
-  # Decayed as diffjax decays (optim.decay_mask): the matrices, not norm scales or the λ vectors.
-  decays = lambda name, p: p.ndim >= 2 and name.rsplit('.', 1)[-1] not in LAMBDA_VECTORS
-  groups = [{'params': [p for n, p in model.named_parameters() if decays(n, p) == flag],
-             'weight_decay': tc.weight_decay if flag else 0.0} for flag in (True, False)]
-  optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps,
-                                fused=device == 'cuda')
+  optimizer = torch.optim.AdamW(hf.decay_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.b1, tc.b2),
+                                eps=tc.eps, fused=device == 'cuda')
   forward = torch.compile(model) if device == 'cuda' else model
   compute_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(config.model.dtype)
   to_device = lambda x, dtype: torch.from_numpy(np.asarray(x)).to(device, dtype)

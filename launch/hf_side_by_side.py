@@ -122,11 +122,8 @@ def train_torch(cfg: ModelConfig, params, batches, args) -> tuple[list[float], f
   import torch  # pylint: disable=import-outside-toplevel
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = hf.hf_model(cfg, params, attn_implementation='sdpa').to(device).train()
-  matrices = [p for p in model.parameters() if p.ndim >= 2]
-  vectors = [p for p in model.parameters() if p.ndim < 2]
-  opt = torch.optim.AdamW([{'params': matrices, 'weight_decay': args.weight_decay},
-                           {'params': vectors, 'weight_decay': 0.0}],
-                          lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device == 'cuda')
+  opt = torch.optim.AdamW(hf.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                          fused=device == 'cuda')
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr_at(s, args)) / args.lr)
   forward = torch.compile(model) if args.compile == 'yes' or (args.compile == 'auto' and device == 'cuda') else model
   losses, start = [], time.time()

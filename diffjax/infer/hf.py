@@ -227,6 +227,14 @@ def hf_model(cfg: ModelConfig, params: Mapping | None = None, attn_implementatio
   return model
 
 
+def decay_groups(model, weight_decay: float) -> list[dict]:
+  """torch.optim parameter groups of a Hugging Face model that decay as diffjax decays (`optim.decay_mask`): the
+  matrices. Norm scales and DiffLlama's λ vectors are 1-D, and are left alone."""
+  params = list(model.parameters())
+  return [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': weight_decay},
+          {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}]
+
+
 def from_hf_model(model, **settings) -> tuple[ModelConfig, dict]:
   """from_hf for a live PyTorch Hugging Face model."""
   state_dict = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
