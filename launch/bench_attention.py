@@ -99,10 +99,10 @@ def main():
       if impl == 'tokamax_tuned':
         print(f'{variant}: tokamax autotunes its kernels for this shape (minutes)', flush=True)
       f = kernel(variant, impl.removesuffix('_tuned'))
-      g = jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2))
+      grad_f = jax.grad(lambda q, k, v: jnp.sum(jnp.square(f(q, k, v))), argnums=(0, 1, 2))
       try:
         compile_ = (lambda fn: tokamax_tuned(fn, (q, k, v))) if impl == 'tokamax_tuned' else jax.jit
-        forward, backward = compile_(f), compile_(g)
+        forward, backward = compile_(f), compile_(grad_f)
         out = np.asarray(forward(q, k, v), np.float32)
         grads = np.concatenate([np.asarray(g, np.float32).ravel() for g in backward(q, k, v)])
       except Exception as error:  # one kernel that cannot run this shape leaves the others' rows to time
