@@ -247,6 +247,30 @@ def test_dots_recomputes_no_weight_matmul():
   assert counts['dots'] == counts['off'] + 2 < counts['nothing'], counts
 
 
+@pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
+def test_attention_policies_keep_the_cudnn_forward(variant, monkeypatch):
+  """In the gradient lowered for a GPU, 'nothing' and 'dots' run each cuDNN attention forward twice (the forward
+  pass, and again in the backward pass), 'attention' and 'dots_attention' once: counted in the StableHLO program."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  monkeypatch.setattr(cudnn_attention, 'check_cudnn_version', lambda: 91900)  # no GPU here: lowering only
+  monkeypatch.setattr(cudnn_attention, 'check_compute_capability', lambda capability: True)
+  with attention.compiling_for('gpu'):
+    cfg = tiny_config(variant=variant, d_model=64, dtype='bfloat16', attention_impl='cudnn', scan_layers=True)
+  tokens = _tokens(cfg, seed=7)
+  params = jax.eval_shape(lambda: random_params(model.Transformer(dataclasses.replace(cfg, attention_impl='xla')),
+                                                tokens, seed=7))
+
+  def cudnn_forwards(policy):
+    loss = _remat_loss(dataclasses.replace(cfg, remat=True, remat_policy=policy), tokens)
+    with attention.compiling_for('gpu'):
+      program = jax.jit(jax.value_and_grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+    return program.count('@__cudnn$fmhaSoftmax(')
+
+  counts = {policy: cudnn_forwards(policy) for policy in ('nothing', 'dots', 'attention', 'dots_attention')}
+  once = 2 if variant == 'diff_v1' else 1  # DIFF V1's split form: a call per half of the values
+  assert counts == {'nothing': 2 * once, 'dots': 2 * once, 'attention': once, 'dots_attention': once}, counts
+
+
 # --- Shapes and finiteness with and without jit, in the default (bfloat16) compute dtype. ------------------------
 
 

@@ -13,10 +13,27 @@ from diffjax.keys import Key, check_section
 VARIANTS = ('diff_v1', 'diff_v2', 'baseline')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'pallas', 'splash', 'tokamax')
 ROPE_PAIRINGS = ('interleaved', 'half')
+# The forward primitives of the fused attention kernels: cuDNN's, and Pallas kernels (tokamax, splash, diffjax's own).
+FLASH_ATTENTION_FORWARDS = ('dot_product_attention_fwd_wrapper', 'pallas_call')
+
+
+def _saves_flash_attention(primitive, *_, **__) -> bool:
+  """Keeps a fused attention kernel's outputs (its result and softmax statistics, which are what its backward pass
+  needs from the forward), so that the backward pass does not run the kernel's forward again."""
+  return primitive.name in FLASH_ATTENTION_FORWARDS
+
+
 # What a rematerialised block saves for its backward pass (None: nothing, as `jax.checkpoint` does by default).
 # Weight matmuls have no batch dimensions; attention's score and value products (batched over heads) do, so 'dots'
-# keeps the projections' outputs but not the (T, T) attention maps.
-REMAT_POLICIES = {'nothing': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# keeps the projections' outputs but not the (T, T) attention maps. The xla attention path has no kernel for
+# 'attention' to keep: there it saves nothing more.
+REMAT_POLICIES = {
+    'nothing': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'attention': _saves_flash_attention,
+    'dots_attention': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _saves_flash_attention),
+}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # (deep, drop, rate) of DIFF V1's λ_init schedule (below): the paper's 0.8 - 0.6 exp(-0.3 l).
 PAPER_LAMBDA_INIT = (0.8, 0.6, 0.3)
@@ -65,7 +82,8 @@ class ModelConfig:
                     choices=tuple(DTYPES))
   norm_eps: float = _key(1e-5, 'RMSNorm epsilon', above=0)
   remat: bool = _key(False, 'recompute each block in the backward pass, for less activation memory', identity=False)
-  remat_policy: str = _key('nothing', "with remat, what a block keeps: nothing, or dots (its weight matmuls' outputs)",
+  remat_policy: str = _key('nothing', "with remat, what a block keeps: nothing, dots (its weight matmuls' outputs), "
+                           "attention (the fused attention kernel's outputs) or dots_attention (both)",
                            choices=tuple(REMAT_POLICIES), identity=False)
   # Parameters then carry a leading `layers` axis, so a checkpoint holds one layout or the other.
   scan_layers: bool = _key(False, 'trace one block and loop it over stacked layers, so compile time stops growing '
