@@ -7,8 +7,9 @@
       --config.train.loss_chunk_tokens=8192 --config.model.remat=True --config.model.remat_policy=dots \
       --config.train.opt_moments_dtype=bfloat16   # the memory options, each can be set alone
 
-Uses the same compiled step, shardings and mesh as training (`diffjax.train.step`), so the numbers are those
-of `python -m diffjax.train` minus the input pipeline; any config key is set as in training, `--config.KEY=VALUE`.
+Uses the same compiled step, shardings, mesh and share of the accelerator's memory as training
+(`diffjax.train.step`, `preflight.memory_env`), so the numbers are those of `python -m diffjax.train` minus the input
+pipeline; any config key is set as in training, `--config.KEY=VALUE`.
 With `--data` the step runs on real batches of that corpus (prepared first where needed, as training prepares it),
 each timed step on another batch: some costs depend on the tokens (a scatter-add into rows that many tokens share,
 for one), and random tokens spread evenly hide them. Without it, random tokens over `--vocab`. The first line of the
@@ -43,7 +44,7 @@ from diffjax.infer import hf
 from diffjax.model import sharding
 from diffjax.model import transformer as model
 from diffjax.run import checkpoint, defaults
-from diffjax.train import metrics, optim
+from diffjax.train import metrics, optim, preflight
 from diffjax.train import step as train_step
 
 
@@ -201,6 +202,7 @@ HF = flags.DEFINE_bool('hf', False, "Also time each variant's Hugging Face twin 
 
 def main(argv):
   del argv
+  os.environ.update(preflight.memory_env(1))  # the memory a training takes, read when JAX first reaches the GPU
   config = CONFIG.value
   if DATA.value and DATA.value != 'config':
     config.data.update(source='local', text_glob=DATA.value)

@@ -139,7 +139,7 @@ def main(argv):
     if SHARING.value:
       groups[f'{SHARING.value} sharing'] = [os.path.join(root, f'shared_{i}') for i in range(SHARING.value)]
     for name, workdirs in groups.items():
-      run_env = preflight.sharing_env(len(workdirs), env)
+      run_env = preflight.memory_env(len(workdirs), env)
       for workdir in workdirs:
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: a resumed one would train nothing
       run_all([(f'{name} #{i}', train_command(config_args, w), w) for i, w in enumerate(workdirs)], run_env)

@@ -170,14 +170,15 @@ def test_cli_refuses_before_touching_the_workdir_or_the_data(tmp_path, override,
 
 
 def test_trainings_sharing_a_device_split_its_memory_and_allocate_in_stream_order():
-  env = preflight.sharing_env(2, {'PATH': '/bin'})
+  env = preflight.memory_env(2, {'PATH': '/bin'})
   assert env == {'PATH': '/bin', 'XLA_CLIENT_MEM_FRACTION': '0.45', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'cuda_async'}
-  assert preflight.sharing_env(3, {})['XLA_CLIENT_MEM_FRACTION'] == '0.30'
-  assert preflight.sharing_env(1, {'PATH': '/bin'}) == {'PATH': '/bin'}  # a run alone keeps JAX's defaults
+  assert preflight.memory_env(3, {})['XLA_CLIENT_MEM_FRACTION'] == '0.30'
+  # A run alone keeps JAX's allocator and takes the whole share.
+  assert preflight.memory_env(1, {'PATH': '/bin'}) == {'PATH': '/bin', 'XLA_CLIENT_MEM_FRACTION': '0.90'}
 
 
 @pytest.mark.parametrize('name', ['XLA_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_MEM_FRACTION'])
 def test_a_sharing_setting_the_user_made_wins(name):
   # JAX refuses both names of the fraction at once, so a user's old-named one must not gain a new-named twin.
-  env = preflight.sharing_env(2, {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'})
+  env = preflight.memory_env(2, {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'})
   assert env == {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'}

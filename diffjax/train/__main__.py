@@ -37,7 +37,7 @@ from diffjax import cli  # noqa: E402
 from diffjax.data import prepare  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
 from diffjax.infer import generate  # noqa: E402
-from diffjax.train import loop, metrics  # noqa: E402
+from diffjax.train import loop, metrics, preflight  # noqa: E402
 from diffjax.train import workdir as workdir_lib  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/tiny.py.', lock_config=True)
@@ -95,6 +95,7 @@ def remove_partial_data(data_cfg):
 @cli.report_errors
 def main(argv):
   del argv
+  os.environ.update(preflight.memory_env(1))  # before JAX first reaches the accelerator, which reads it then
   if MULTIHOST.value:  # signals stay as JAX's preemption service (SIGTERM) and Python (Ctrl-C) set them up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

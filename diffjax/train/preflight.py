@@ -105,18 +105,23 @@ class Budget:
     return f'{need.host / GIB:.1f} GiB of read-ahead batches on the host, which has {host}'
 
 
-def sharing_env(processes: int, env: dict[str, str] | None = None) -> dict[str, str]:
-  """The environment for each of `processes` trainings started at once on one accelerator: a copy of `env`
-  (default: this process's) where each gets an equal share of the accelerator's memory, since JAX would otherwise
-  preallocate three quarters of it for each, and XLA's stream-ordered allocator (`cuda_async`, read on NVIDIA GPUs
-  only). Two byte-level DIFF V1 runs of the seed config with 23.1 GiB steps, each under 45% of an H100 (35.6 GiB),
-  stop out of memory asking for their second step's 23.1 GiB under the default BFC pool, though it reports 35.3 GiB
-  free in one block after the first; with `cuda_async` both train at their 23.5 GiB peak (README, "Real runs
-  against the step"). Values already set in `env` win."""
+# The part of an accelerator's memory that diffjax's trainings on it take together, against JAX's default 75%. At
+# 75% of an H100 the 1.4B step that keeps its matmul outputs (`remat_policy=dots`, 59.3 GiB) filled the pool and ran
+# no faster than recomputing them; with the pool at 92% it ran 8-9% faster (docs/performance.md, "The 1.4B step").
+MEMORY_SHARE = 0.9
+
+
+def memory_env(processes: int, env: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment for each of `processes` trainings on one accelerator: a copy of `env` (default: this
+  process's) where each gets an equal part of `MEMORY_SHARE`, and, where several share it, XLA's stream-ordered
+  allocator (`cuda_async`, read on NVIDIA GPUs only). Two byte-level DIFF V1 runs of the seed config with 23.1 GiB
+  steps, each under 45% of an H100 (35.6 GiB), stop out of memory asking for their second step's 23.1 GiB under the
+  default BFC pool, though it reports 35.3 GiB free in one block after the first; with `cuda_async` both train at
+  their 23.5 GiB peak (README, "Real runs against the step"). Values already set in `env` win."""
   env = dict(os.environ if env is None else env)
+  if 'XLA_CLIENT_MEM_FRACTION' not in env and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in env:  # JAX refuses both
+    env['XLA_CLIENT_MEM_FRACTION'] = f'{MEMORY_SHARE / processes:.2f}'
   if processes > 1:
-    if 'XLA_CLIENT_MEM_FRACTION' not in env and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in env:  # JAX refuses both
-      env['XLA_CLIENT_MEM_FRACTION'] = f'{0.9 / processes:.2f}'
     env.setdefault('XLA_PYTHON_CLIENT_ALLOCATOR', 'cuda_async')
   return env
 
