@@ -27,8 +27,9 @@ analysed is not measured again.
 
 Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
 resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs`
-bounds one); arms and seeds may be added later. A command that would train a run of ROOT with another config, or
-against another reference arm, is refused. SIGTERM or Ctrl-C stops the runs at a saved step.
+bounds one; `--report_only` trains nothing and reports the runs finished so far); arms and seeds may be added later.
+A command that would train a run of ROOT with another config, or against another reference arm, is refused.
+SIGTERM or Ctrl-C stops the runs at a saved step.
 """
 
 import argparse
@@ -332,7 +333,7 @@ def note_sharing(run: Run, parallel: int):
 def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
   """Trains the runs, at most `args.parallel` at a time, printing each one's progress every `args.progress_every`
   seconds; each run logs to its workdir's train.log. Raises ConfigError when a run fails or stops early."""
-  env = preflight.sharing_env(args.parallel)
+  env = preflight.memory_env(args.parallel)
   waiting, running, last_report = list(todo), [], time.time()
   try:
     while (waiting and not stop.requested) or running:
@@ -561,10 +562,12 @@ def parse_args(argv=None):
                       'go; the same command there again resumes the comparison (default: %(default)s)')
   parser.add_argument('--parallel', type=int, default=1,
                       help='trainings at once on one accelerator, each with an equal share of its memory and XLA\'s '
-                           'stream-ordered allocator (diffjax.train.preflight.sharing_env) (default: %(default)s)')
+                           'stream-ordered allocator (diffjax.train.preflight.memory_env) (default: %(default)s)')
   parser.add_argument('--max_runs', type=int, default=0,
                       help='start at most this many runs in this invocation, 0 for all; the same command again '
                            'continues (default: %(default)s)')
+  parser.add_argument('--report_only', action='store_true',
+                      help='train and analyse nothing: report the runs of ROOT that have finished')
   parser.add_argument('--analyses', default='',
                       help=f'comma-separated analyses of each seed\'s trained runs, of {", ".join(ANALYSES)} '
                            '(default: none)')
@@ -624,7 +627,7 @@ def main(argv=None):
   print(f'{len(arms)} arms x {len(seeds)} seeds = {len(runs)} runs in {args.root} against {reference.name}: '
         f'{len(runs) - len(todo)} finished, {len(todo)} to train'
         + (f', at most {args.max_runs} now' if args.max_runs and args.max_runs < len(todo) else ''), flush=True)
-  todo = todo[:args.max_runs or None]
+  todo = [] if args.report_only else todo[:args.max_runs or None]
   stop = StopRequest()
   try:
     if todo:
@@ -639,7 +642,7 @@ def main(argv=None):
     raise SystemExit(f'error: {error}') from None
   except KeyboardInterrupt:
     stop.requested = True
-  if args.analyses and not stop.requested:
+  if args.analyses and not stop.requested and not args.report_only:
     try:
       analyse(args, seeds, runs)
     except ConfigError as error:
@@ -657,7 +660,8 @@ def main(argv=None):
   print(f'wrote {os.path.join(args.root, "compare.json")} and compare.png')
   if len(results) < len(runs):
     print(f'{len(results)} of {len(runs)} runs finished' + (' (stopped on request)' if stop.requested else '')
-          + '; rerun the same command to continue')
+          + (' (--report_only)' if args.report_only else '') + '; rerun the same command'
+          + (' without --report_only' if args.report_only else '') + ' to continue')
 
 
 if __name__ == '__main__':

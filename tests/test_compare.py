@@ -254,6 +254,12 @@ def test_a_comparison_resumes_over_invocations_and_reports_every_run(tmp_path):
   assert 'diff_v1_nonorm is ' in first.stdout  # seed 0 is paired already
   assert 'step ' in first.stdout  # the runs' own progress
   assert not (runs / 'baseline_seed1').exists()
+  reported = _run_compare(tmp_path, overrides, '--report_only')
+  assert reported.returncode == 0, reported.stdout[-3000:] + reported.stderr[-3000:]
+  assert '2 finished, 2 to train' in reported.stdout and '[3/4]' not in reported.stdout
+  assert ('2 of 4 runs finished (--report_only); rerun the same command without --report_only to continue'
+          in reported.stdout)
+  assert not (runs / 'baseline_seed1').exists()
   # diff_v1_nonorm seed 0 loses its last checkpoint and the records after step 8, as if killed after step 8: the next
   # invocation continues it. baseline seed 0 loses all its checkpoints: its logged result still makes it finished.
   shutil.rmtree(runs / 'diff_v1_nonorm_seed0' / 'checkpoints' / '12')
