@@ -22,8 +22,8 @@ are left out of it.
 With `--analyses=outliers,needles` the paper's other claims are measured on each seed's trained models once all of
 its runs have finished, while their checkpoints are at hand: `python -m diffjax.outliers` (activation outliers,
 low-bit quantization) and `python -m diffjax.needles` (multi-needle retrieval and attention to the answer, on the
-config's local text files) over every arm's run of the seed, into ROOT/analyses/seedS/NAME/. A seed already
-analysed is not measured again.
+config's local text files, at 512 tokens and at the longest context the model takes) over every arm's run of the
+seed, into ROOT/analyses/seedS/NAME/. A seed already analysed is not measured again.
 
 Rerunning the same command skips finished runs (those whose final validation is in their metrics.jsonl) and
 resumes unfinished ones from their checkpoints, so a comparison can finish over several invocations (`--max_runs`
@@ -380,6 +380,11 @@ def train(args, todo: list[tuple[str, Run]], stop: StopRequest):
 # -- the paper's other claims on the trained runs ----------------------------------------------------------------
 
 
+# The short needle context beside the longest: small models that retrieve nothing at the longest (the seed shape's
+# byte models at 2032) may still separate at this length.
+SHORT_NEEDLE_CONTEXT = 512
+
+
 def _outliers_flags(config) -> list[str]:
   del config  # the runs' own validation windows
   return ['--windows=64']
@@ -388,9 +393,12 @@ def _outliers_flags(config) -> list[str]:
 def _needles_flags(config) -> list[str]:
   if config.data.source != 'local':
     raise ConfigError('needles builds its contexts from local text files (data.source=local, data.text_glob)')
-  # The longest prompt the model takes with room for the answer's tokens after it.
-  return [f'--text_glob={config.data.text_glob}', f'--context={config.model.max_len - 16}', '--needles=4',
+  # The longest prompt the model takes with room for the answer's tokens after it, and the short one.
+  longest = config.model.max_len - 16
+  contexts = sorted({min(SHORT_NEEDLE_CONTEXT, longest), longest})
+  return [f'--text_glob={config.data.text_glob}', f'--context={",".join(map(str, contexts))}', '--needles=4',
           '--queries=1', '--trials=8']
+
 
 
 ANALYSES = {'outliers': _outliers_flags, 'needles': _needles_flags}

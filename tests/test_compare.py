@@ -9,6 +9,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -92,6 +93,13 @@ def test_an_analysis_the_data_cannot_have_is_refused_before_training(tmp_path):
     _configure(tmp_path / 'runs', {}, '--analyses=outliers,noise')
   with pytest.raises(ConfigError, match='needles builds its contexts from local text files'):
     _configure(tmp_path / 'runs', {'data.source': 'tfds'}, '--analyses=needles')
+
+
+def test_needles_ask_for_a_short_context_and_the_longest():
+  config = ml_collections.ConfigDict({'data': {'source': 'local', 'text_glob': 'books'}, 'model': {'max_len': 2048}})
+  assert '--context=512,2032' in compare._needles_flags(config)
+  config.model.max_len = 128  # shorter than the short context: the longest alone
+  assert '--context=112' in compare._needles_flags(config)
 
 
 def test_overrides_are_written_as_in_every_other_command(tmp_path, capsys):
