@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import assert_close, jit, lambda_of, param_shapes, random_params, set_lambda, tiny_config, to_float64
 from diffjax.errors import ConfigError
-from diffjax.model import attention, sharding
+from diffjax.model import attention, kernels, sharding
 from diffjax.model import transformer as model
 from diffjax.model.attention import DiffAttentionV1, DiffAttentionV2, MultiHeadAttention
 from diffjax.model.config import ModelConfig
@@ -247,28 +247,37 @@ def test_dots_recomputes_no_weight_matmul():
   assert counts['dots'] == counts['off'] + 2 < counts['nothing'], counts
 
 
+# (platform, attention_impl, what marks the kernel's forward in the lowered program)
+KERNEL_FORWARDS = [('gpu', 'cudnn', '@__cudnn$fmhaSoftmax('), ('tpu', 'splash', '"splash_mqa_fwd_residuals"')]
+
+
+@pytest.mark.parametrize('platform,impl,forward', KERNEL_FORWARDS)
 @pytest.mark.parametrize('variant', ['diff_v1', 'baseline'])
-def test_attention_policies_keep_the_cudnn_forward(variant, monkeypatch):
-  """In the gradient lowered for a GPU, 'nothing' and 'dots' run each cuDNN attention forward twice (the forward
-  pass, and again in the backward pass), 'attention' and 'dots_attention' once: counted in the StableHLO program."""
+def test_attention_policies_keep_the_kernel_forward(variant, platform, impl, forward, monkeypatch):
+  """In the gradient lowered for a GPU (cuDNN) or a TPU (splash), 'nothing' and 'dots' run the attention kernel's
+  forward twice (the forward pass, and again in the backward pass), 'attention' and 'dots_attention' once: counted
+  in the StableHLO program."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
   monkeypatch.setattr(cudnn_attention, 'check_cudnn_version', lambda: 91900)  # no GPU here: lowering only
   monkeypatch.setattr(cudnn_attention, 'check_compute_capability', lambda capability: True)
-  with attention.compiling_for('gpu'):
-    cfg = tiny_config(variant=variant, d_model=64, dtype='bfloat16', attention_impl='cudnn', scan_layers=True)
-  tokens = _tokens(cfg, seed=7)
+  monkeypatch.delenv(kernels.INTERPRET_ENV, raising=False)
+  with attention.compiling_for(platform):
+    cfg = tiny_config(variant=variant, d_model=256, n_heads=2, n_kv_heads=2, max_len=512, dtype='bfloat16',
+                      attention_impl=impl, scan_layers=True)
+  tokens = jnp.zeros((2, 512), jnp.int32)  # splash tiles sequences by 512
   params = jax.eval_shape(lambda: random_params(model.Transformer(dataclasses.replace(cfg, attention_impl='xla')),
                                                 tokens, seed=7))
 
-  def cudnn_forwards(policy):
+  def kernel_forwards(policy):
     loss = _remat_loss(dataclasses.replace(cfg, remat=True, remat_policy=policy), tokens)
-    with attention.compiling_for('gpu'):
-      program = jax.jit(jax.value_and_grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
-    return program.count('@__cudnn$fmhaSoftmax(')
+    with attention.compiling_for(platform):
+      program = jax.jit(jax.value_and_grad(loss)).trace(params).lower(
+          lowering_platforms=('cuda' if platform == 'gpu' else platform,)).as_text()
+    return program.count(forward)
 
-  counts = {policy: cudnn_forwards(policy) for policy in ('nothing', 'dots', 'attention', 'dots_attention')}
-  once = 2 if variant == 'diff_v1' else 1  # DIFF V1's split form: a call per half of the values
-  assert counts == {'nothing': 2 * once, 'dots': 2 * once, 'attention': once, 'dots_attention': once}, counts
+  counts = {policy: kernel_forwards(policy) for policy in ('nothing', 'dots', 'attention', 'dots_attention')}
+  assert counts['attention'] > 0, counts
+  assert counts['nothing'] == counts['dots'] == 2 * counts['attention'] == 2 * counts['dots_attention'], counts
 
 
 # --- Shapes and finiteness with and without jit, in the default (bfloat16) compute dtype. ------------------------
