@@ -113,7 +113,17 @@ def bench(config, variant, batches, steps, init_from=''):
           'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s, 'first_step_s': compile_and_first,
           'mfu': model_flops_utilisation(config, cfg, tokens_per_s, jax.device_count()),
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
-          'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'final_loss': float(out['loss'])}
+          'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'pool_gib': stats.get('bytes_limit', 0) / 2**30,
+          'final_loss': float(out['loss'])}
+
+
+def pool_warnings(rows: list[dict]) -> list[str]:
+  """A line for each row whose peak filled the device's memory pool. A step at the pool's edge may have been slowed
+  to fit: the 1.4B step with remat_policy=dots ran no faster than recomputing everything in 75% of an H100, and 8-9%
+  faster in 92% (docs/performance.md)."""
+  return [f'{r["variant"]}: its peak filled the memory pool ({r["pool_gib"]:.1f} GiB), which may have slowed it; '
+          'time it again with a larger XLA_CLIENT_MEM_FRACTION' for r in rows
+          if r.get('pool_gib') and r['peak_gib'] > 0.99 * r['pool_gib']]
 
 
 def model_flops_utilisation(config, cfg, tokens_per_s: float, devices: int) -> float | None:
@@ -233,6 +243,8 @@ def main(argv):
     mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
     print(f'{r["variant"]:<24} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
           f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f} {r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
+  for line in pool_warnings(rows):
+    print(line)
   with open(OUT.value, 'w') as f:
     json.dump(rows, f, indent=2)
 

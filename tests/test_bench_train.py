@@ -38,3 +38,16 @@ def test_hugging_face_twins_are_timed_beside_diff_v1_and_the_baseline(tmp_path):
     assert theirs['tokens_per_s'] > 0 and theirs['step_ms'] > 0
     assert theirs['final_loss'] < math.log(vocab) - 0.5  # six steps on the one batch of random tokens: it trains
   assert 'baseline (HF Llama)' in result.stdout.splitlines()[-1]
+
+
+def test_a_peak_that_filled_the_memory_pool_is_pointed_out():
+  rows = [{'variant': 'diff_v1', 'peak_gib': 59.38, 'pool_gib': 59.38},
+          {'variant': 'baseline', 'peak_gib': 29.8, 'pool_gib': 59.38},
+          {'variant': 'baseline (HF Llama)', 'peak_gib': 50.0}]  # PyTorch rows have no pool
+  # In a process of its own: the script defines absl flags that other modules of the suite define too.
+  script = f'import sys; sys.path.insert(0, "launch"); import bench_train; print(bench_train.pool_warnings({rows!r}))'
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == str(['diff_v1: its peak filled the memory pool (59.4 GiB), which may have slowed it; '
+                                       'time it again with a larger XLA_CLIENT_MEM_FRACTION'])
