@@ -22,15 +22,8 @@ from float32 logits, global-norm clipping and fused AdamW with the config's hype
 rate), Hugging Face's own initial weights. Its MFU counts the same model FLOPs as the diffjax row.
 """
 
-import os
-import sys
-
-# With --hf PyTorch trains first, so JAX must not take the GPU's memory when it starts.
-if any(a.split('=')[0] == '--hf' and a.split('=', 1)[-1].lower() not in ('false', '0') for a in sys.argv):
-  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-
-
 import json
+import os
 import time
 
 import jax
@@ -217,7 +210,11 @@ HF = flags.DEFINE_bool('hf', False, "Also time each variant's Hugging Face twin 
 
 def main(argv):
   del argv
-  os.environ.update(preflight.memory_env(1))  # the memory a training takes, read when JAX first reaches the GPU
+  # Read when JAX first reaches the GPU, which happens below: the memory a training takes, and with --hf none of it
+  # up front, since PyTorch trains first.
+  os.environ.update(preflight.memory_env(1))
+  if HF.value:
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   config = CONFIG.value
   if DATA.value and DATA.value != 'config':
     config.data.update(source='local', text_glob=DATA.value)

@@ -667,9 +667,9 @@ def main(argv=None):
   plot(arms, results, os.path.join(args.root, 'compare.png'))
   print(f'wrote {os.path.join(args.root, "compare.json")} and compare.png')
   if len(results) < len(runs):
-    print(f'{len(results)} of {len(runs)} runs finished' + (' (stopped on request)' if stop.requested else '')
-          + (' (--report_only)' if args.report_only else '') + '; rerun the same command'
-          + (' without --report_only' if args.report_only else '') + ' to continue')
+    why = (' (stopped on request)' if stop.requested else '') + (' (--report_only)' if args.report_only else '')
+    command = 'the same command without --report_only' if args.report_only else 'the same command'
+    print(f'{len(results)} of {len(runs)} runs finished{why}; rerun {command} to continue')
 
 
 if __name__ == '__main__':
