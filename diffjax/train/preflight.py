@@ -20,8 +20,11 @@ train.global_batch_size / (mesh.data * mesh.fsdp) / train.microbatches * T:
   kept         model.remat off: L * (layer + maps), twice that with model.scan_layers (the scan stacks its
                residuals in new buffers)
                model.remat, policy `nothing`: L * 4*E + layer + maps (each block's input, and one block
-               recomputed at a time); policy `dots` adds L * (5*E + 2*F) * c / t (the kept matmul outputs)
-  logits       train.loss_chunk_tokens = 0: tokens * V * (4 + c) / t  (the float32 logits and their gradient)
+               recomputed at a time); policy `dots` adds L * (5*E + 2*F) * c / t (the kept matmul outputs),
+               `attention` on a kernel path L * A * c / t (the kernel's outputs: A = E for the baseline, 2*E for
+               DIFF, whose two maps each give E values before they are combined), `dots_attention` both
+  logits       train.loss_chunk_tokens = 0: tokens * V * 4 / t  (the float32 logits; since `losses.cross_entropy`
+               picks the target's logit by index, the compiled step keeps no second buffer of their size)
                N > 0: min(N, tokens) * V * 6 / t  (one chunk's float32 logits and compute-dtype product)
   activations  tokens * kept + logits
   batches      (data.prefetch_batches + 1) batches of 16 bytes a token (int32 inputs, targets and segment ids,
@@ -32,10 +35,14 @@ and on the host, 2 * data.read_threads + 2 batches read ahead by the input pipel
 The coefficients come from the compiled train step's memory (XLA's memory analysis, launch/bench_train.py and
 launch/aot_compile.py; README and launch/results/): the seed model (E 512, F 1792, 8 layers, bfloat16, cuDNN) at
 64 x 2048 tokens keeps 24.1 GiB of temporaries (gradients and activations) with vocabulary 384, where the formula
-gives 24.5; 26.9 with vocabulary 32,000 and 16,384-token loss chunks (27.4); 47.5 with vocabulary 32,768 unchunked
-(48.5); 54.0 scanned (48.5). The paper's 1.4B and 3B models (remat, scanned, `xla` attention, fsdp over 4 or 8 TPU
-chips, 8 to 128 microbatches) keep 3.85 to 41.9 GiB per chip, which the formula gives to within 9%. The `xla` path
-on CPUs keeps about three times the maps counted here: the check errs towards letting a run start.
+gives 24.4; 26.9 with vocabulary 32,000 and 16,384-token loss chunks (27.4); 38.4 with vocabulary 32,000 unchunked
+(40.1). The paper's 1.4B and 3B models (remat, scanned, `xla` attention, fsdp over 4 or 8 TPU chips, 8 to 128
+microbatches) keep 3.85 to 41.9 GiB per chip, which the formula gives to within 8%. What the remat policies add is
+within 5% of the 1.4B step compiled on one H100 (tests/test_preflight.py; DIFF V1 under `attention` alone keeps a
+third more than counted), but that step as its config trains it (8
+microbatches of 16, cuDNN) keeps 19.8 GiB under `nothing` and 53.4 under `dots_attention` where the formula gives
+22.4 and 59.4: on one 80 GB GPU the check refuses `dots_attention` there, which fits (docs/performance.md). The
+`xla` path on CPUs keeps about three times the maps counted here.
 
 A device's memory is what JAX may allocate on it (`bytes_limit` of the device's memory stats) on GPUs and TPUs;
 CPU devices share the host's memory with the input pipeline.
@@ -163,10 +170,14 @@ def estimate(cfg: ModelConfig, train: dict, data_cfg, impl: str, mesh_shape: dic
   if not cfg.remat:
     kept = L * (layer + maps) * (2 if cfg.scan_layers else 1)
   else:
-    saved = 4 * E + ((5 * E + 2 * F) * c / t if cfg.remat_policy == 'dots' else 0)
+    saved = 4 * E
+    if cfg.remat_policy in ('dots', 'dots_attention'):
+      saved += (5 * E + 2 * F) * c / t
+    if cfg.remat_policy in ('attention', 'dots_attention') and impl != 'xla':
+      saved += (E if cfg.variant == 'baseline' else 2 * E) * c / t
     kept = L * saved + layer + maps
   chunk = train['loss_chunk_tokens']
-  logits = (tokens * (4 + c) if not chunk else min(chunk, tokens) * 6) * V / t
+  logits = (tokens * 4 if not chunk else min(chunk, tokens) * 6) * V / t
   batch = BATCH_BYTES_PER_TOKEN * T
   return Estimate(state=state[0], gradients=2 * state[1], activations=int(tokens * kept + logits),
                   batches=(data_cfg.prefetch_batches + 1) * sequences * batch,
