@@ -23,17 +23,23 @@ def _saves_flash_attention(primitive, *_, **__) -> bool:
   return primitive.name in FLASH_ATTENTION_FORWARDS
 
 
-# What a rematerialised block saves for its backward pass (None: nothing, as `jax.checkpoint` does by default).
-# Weight matmuls have no batch dimensions; attention's score and value products (batched over heads) do, so 'dots'
-# keeps the projections' outputs but not the (T, T) attention maps. The xla attention path has no kernel for
-# 'attention' to keep: there it saves nothing more.
-REMAT_POLICIES = {
-    'nothing': None,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'attention': _saves_flash_attention,
-    'dots_attention': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _saves_flash_attention),
-}
+# What a rematerialised block saves for its backward pass, by `model.remat_policy`: (the weight matmuls' outputs,
+# the fused attention kernel's outputs). Weight matmuls have no batch dimensions; attention's score and value
+# products (batched over heads) do, so keeping matmuls keeps the projections' outputs but not the (T, T) attention
+# maps. The xla attention path has no kernel whose outputs could be kept: there 'attention' saves nothing more.
+REMAT_KEEPS = {'nothing': (False, False), 'dots': (True, False), 'attention': (False, True),
+               'dots_attention': (True, True)}
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of `REMAT_KEEPS[name]` (None: nothing, as `jax.checkpoint` does by default)."""
+  matmuls, attention = REMAT_KEEPS[name]
+  dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if matmuls and attention:
+    return jax.checkpoint_policies.save_from_both_policies(dots, _saves_flash_attention)
+  return dots if matmuls else _saves_flash_attention if attention else None
+
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # (deep, drop, rate) of DIFF V1's λ_init schedule (below): the paper's 0.8 - 0.6 exp(-0.3 l).
 PAPER_LAMBDA_INIT = (0.8, 0.6, 0.3)
@@ -84,7 +90,7 @@ class ModelConfig:
   remat: bool = _key(False, 'recompute each block in the backward pass, for less activation memory', identity=False)
   remat_policy: str = _key('nothing', "with remat, what a block keeps: nothing, dots (its weight matmuls' outputs), "
                            "attention (the fused attention kernel's outputs) or dots_attention (both)",
-                           choices=tuple(REMAT_POLICIES), identity=False)
+                           choices=tuple(REMAT_KEEPS), identity=False)
   # Parameters then carry a leading `layers` axis, so a checkpoint holds one layout or the other.
   scan_layers: bool = _key(False, 'trace one block and loop it over stacked layers, so compile time stops growing '
                            'with depth')

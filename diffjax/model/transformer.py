@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.model.attention import ATTENTION_BY_VARIANT, recording, reparameterised_lambda
-from diffjax.model.config import REMAT_POLICIES, ModelConfig
+from diffjax.model.config import ModelConfig, remat_policy
 from diffjax.model.layers import RMSNorm, SwiGLU, dense
 
 ACTIVATION_AXES = ('batch', 'length', 'act_embed')
@@ -44,7 +44,7 @@ class Block(nn.Module):
 
 def block_class(cfg: ModelConfig):
   """Block, or with `remat` a Block whose backward pass recomputes what `remat_policy` did not save."""
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
+  return nn.remat(Block, policy=remat_policy(cfg.remat_policy)) if cfg.remat else Block
 
 
 class _LayerStack(nn.Module):

@@ -39,10 +39,10 @@ gives 24.4; 26.9 with vocabulary 32,000 and 16,384-token loss chunks (27.4); 38.
 (40.1). The paper's 1.4B and 3B models (remat, scanned, `xla` attention, fsdp over 4 or 8 TPU chips, 8 to 128
 microbatches) keep 3.85 to 41.9 GiB per chip, which the formula gives to within 8%. What the remat policies add is
 within 5% of the 1.4B step compiled on one H100 (tests/test_preflight.py; DIFF V1 under `attention` alone keeps a
-third more than counted), but that step as its config trains it (8
-microbatches of 16, cuDNN) keeps 19.8 GiB under `nothing` and 53.4 under `dots_attention` where the formula gives
-22.4 and 59.4: on one 80 GB GPU the check refuses `dots_attention` there, which fits (docs/performance.md). The
-`xla` path on CPUs keeps about three times the maps counted here.
+third more than counted), but that step as its config trains it (8 microbatches of 16, cuDNN) keeps 19.8 GiB under
+`nothing` and 53.4 under `dots_attention` where the formula gives 22.4 and 59.4: on one 80 GB GPU the check refuses
+`dots_attention` there, which fits (docs/performance.md). The `xla` path on CPUs keeps about three times the maps
+counted here.
 
 A device's memory is what JAX may allocate on it (`bytes_limit` of the device's memory stats) on GPUs and TPUs;
 CPU devices share the host's memory with the input pipeline.
@@ -58,7 +58,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from diffjax.errors import ConfigError
 from diffjax.model import sharding
-from diffjax.model.config import ModelConfig
+from diffjax.model.config import REMAT_KEEPS, ModelConfig
 from diffjax.train import optim
 from diffjax.train import step as train_step
 
@@ -170,10 +170,11 @@ def estimate(cfg: ModelConfig, train: dict, data_cfg, impl: str, mesh_shape: dic
   if not cfg.remat:
     kept = L * (layer + maps) * (2 if cfg.scan_layers else 1)
   else:
+    matmuls, attention = REMAT_KEEPS[cfg.remat_policy]
     saved = 4 * E
-    if cfg.remat_policy in ('dots', 'dots_attention'):
+    if matmuls:
       saved += (5 * E + 2 * F) * c / t
-    if cfg.remat_policy in ('attention', 'dots_attention') and impl != 'xla':
+    if attention and impl != 'xla':
       saved += (E if cfg.variant == 'baseline' else 2 * E) * c / t
     kept = L * saved + layer + maps
   chunk = train['loss_chunk_tokens']
