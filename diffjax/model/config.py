@@ -1,6 +1,7 @@
 """The model's hyper-parameters as one frozen dataclass, checked before anything is compiled."""
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ REMAT_KEEPS = {'nothing': (False, False), 'dots': (True, False), 'attention': (F
                'dots_attention': (True, True)}
 
 
+@functools.cache  # one policy object per name, as `jax.checkpoint`'s trace cache compares it by identity
 def remat_policy(name: str):
   """The `jax.checkpoint` policy of `REMAT_KEEPS[name]` (None: nothing, as `jax.checkpoint` does by default)."""
   matmuls, attention = REMAT_KEEPS[name]
