@@ -37,7 +37,7 @@ launch/aot_compile.py; README and launch/results/): the seed model (E 512, F 179
 64 x 2048 tokens keeps 24.1 GiB of temporaries (gradients and activations) with vocabulary 384, where the formula
 gives 24.4; 26.9 with vocabulary 32,000 and 16,384-token loss chunks (27.4); 38.4 with vocabulary 32,000 unchunked
 (40.1). The paper's 1.4B and 3B models (remat, scanned, `xla` attention, fsdp over 4 or 8 TPU chips, 8 to 128
-microbatches) keep 3.85 to 41.9 GiB per chip, which the formula gives to within 8%. What the remat policies add is
+microbatches) keep 3.84 to 42.3 GiB per chip, which the formula gives to within 8%. What the remat policies add is
 within 5% of the 1.4B step compiled on one H100 (tests/test_preflight.py; DIFF V1 under `attention` alone keeps a
 third more than counted), but that step as its config trains it (8 microbatches of 16, cuDNN) keeps 19.8 GiB under
 `nothing` and 53.4 under `dots_attention` where the formula gives 22.4 and 59.4: on one 80 GB GPU the check refuses
