@@ -124,7 +124,7 @@ def memory_env(processes: int, env: dict[str, str] | None = None) -> dict[str, s
   allocator (`cuda_async`, read on NVIDIA GPUs only). Two byte-level DIFF V1 runs of the seed config with 23.1 GiB
   steps, each under 45% of an H100 (35.6 GiB), stop out of memory asking for their second step's 23.1 GiB under the
   default BFC pool, though it reports 35.3 GiB free in one block after the first; with `cuda_async` both train at
-  their 23.5 GiB peak (README, "Real runs against the step"). Values already set in `env` win."""
+  their 23.5 GiB peak (docs/performance.md, "Real runs against the step"). Values already set in `env` win."""
   env = dict(os.environ if env is None else env)
   if 'XLA_CLIENT_MEM_FRACTION' not in env and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in env:  # JAX refuses both
     env['XLA_CLIENT_MEM_FRACTION'] = f'{MEMORY_SHARE / processes:.2f}'
