@@ -34,20 +34,18 @@ _BYTE_EOS, _BYTE_PAD = '<eos>', '<pad>'
 _SP_PREFIX = '▁'  # SentencePiece's visible space
 
 
-def _byte_level_characters() -> list[str]:
-  """The character that stands for each byte in byte-level BPE (GPT-2's table): printable Latin-1 characters stand
-  for themselves, the other 68 bytes for U+0100 onwards in byte order, so no byte is a space or control character."""
+def _byte_level_vocab() -> dict[str, int]:
+  """Byte-level BPE's vocabulary (GPT-2's table), character -> byte: printable Latin-1 characters stand for
+  themselves, the other 68 bytes for U+0100 onwards in byte order, so no byte is a space or control character."""
   printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
   others = iter(range(256, 256 + 256 - len(printable)))
-  return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+  return {chr(b) if b in printable else chr(next(others)): b for b in range(256)}
 
 
 def _byte_tokenizer(library, tokenizer: tokenizers.ByteTokenizer):
-  models, pre_tokenizers, decoders = library.models, library.pre_tokenizers, library.decoders
-  vocab = {char: byte for byte, char in enumerate(_byte_level_characters())}
-  result = library.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  result.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  result.decoder = decoders.ByteLevel()
+  result = library.Tokenizer(library.models.BPE(vocab=_byte_level_vocab(), merges=[]))
+  result.pre_tokenizer = library.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  result.decoder = library.decoders.ByteLevel()
   specials = {tokenizer.eos_id: _BYTE_EOS, tokenizer.pad_id: _BYTE_PAD}
   result.add_special_tokens([library.AddedToken(specials[i], special=True) for i in sorted(specials)])
   return result, {'eos_token': _BYTE_EOS, 'bos_token': _BYTE_EOS, 'pad_token': _BYTE_PAD}
@@ -121,7 +119,7 @@ def _is_byte_tokenizer(saved) -> bool:
   model, pre_tokenizer = saved.get('model') or {}, saved.get('pre_tokenizer') or {}
   specials = {token.get('id'): token.get('content') for token in saved.get('added_tokens') or []}
   return (model.get('type') == 'BPE' and not model.get('merges')
-          and model.get('vocab') == {char: byte for byte, char in enumerate(_byte_level_characters())}
+          and model.get('vocab') == _byte_level_vocab()
           and specials == {tokenizers.ByteTokenizer.eos_id: _BYTE_EOS, tokenizers.ByteTokenizer.pad_id: _BYTE_PAD}
           and pre_tokenizer.get('type') == 'ByteLevel' and pre_tokenizer.get('add_prefix_space') is False
           and pre_tokenizer.get('use_regex') is False and (saved.get('decoder') or {}).get('type') == 'ByteLevel'

@@ -138,13 +138,13 @@ def _tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None, chief: 
     return tokenizers.ByteTokenizer()
   name = f'sentencepiece_{data_cfg.sp_vocab_size}_{data_cfg.sp_train_chars}.model'
   cached = epath.Path(prepare.data_root(data_cfg)) / corpus.key / name
+  kept = epath.Path(workdir) / TOKENIZER_FILE if workdir else None
   # A damaged model is refused, never trained anew: a run's checkpoints are of use with its own tokenizer only.
   candidates = [(cached, 'data.data_dir', 'delete it to have a new one trained, or restore it from a copy (a run\'s '
                  f'WORKDIR/{TOKENIZER_FILE} is one)')]
-  if workdir:
-    candidates.insert(0, (epath.Path(workdir) / TOKENIZER_FILE, '--workdir', f'restore it from a copy, or delete it '
-                          f'to take {cached} again (a resumed run checks that it is the one it trained with)'))
-  tokenizer = None
+  if kept:
+    candidates.insert(0, (kept, '--workdir', f'restore it from a copy, or delete it to take {cached} again (a resumed '
+                          'run checks that it is the one it trained with)'))
   for path, key, remedy in candidates:
     if path.exists():
       tokenizer = tokenizers.SentencePieceTokenizer.load(path, key=key, remedy=remedy)
@@ -152,18 +152,18 @@ def _tokenizer(data_cfg, corpus: corpus_lib.Corpus, workdir: str | None, chief: 
         raise ConfigError(f'data.sp_vocab_size: {path} has {tokenizer.vocab_size} pieces but the config asks for '
                           f'{data_cfg.sp_vocab_size}; keep the value this run was started with or use a new workdir')
       break
-  if tokenizer is None and not chief:
-    raise ConfigError(f'data.data_dir: no tokenizer at {cached}; in a multi-host run data.data_dir must be a folder '
-                      'that every host shares')
-  if tokenizer is None:
+  else:  # no model saved yet
+    if not chief:
+      raise ConfigError(f'data.data_dir: no tokenizer at {cached}; in a multi-host run data.data_dir must be a '
+                        'folder that every host shares')
     # Read before training (which holds every sentence in memory anyway), so that a binary file is refused before
     # its characters make the vocabulary fail or a vocabulary learned from them is kept.
     texts = list(_texts_up_to(corpus.splits[corpus_lib.TRAIN], data_cfg.sp_train_chars))
     corpus.decoding.check()
     tokenizer = tokenizers.SentencePieceTokenizer.train(texts, vocab_size=data_cfg.sp_vocab_size)
     tokenizer.save(cached)
-  if chief and workdir and not (epath.Path(workdir) / TOKENIZER_FILE).exists():
-    tokenizer.save(epath.Path(workdir) / TOKENIZER_FILE)
+  if chief and kept and not kept.exists():
+    tokenizer.save(kept)
   return tokenizer
 
 
@@ -226,16 +226,13 @@ class InputPipeline:
     Rows are taken in a fixed shuffled order, so a few batches sample many documents rather than the first one.
     """
     rows = self.rows(corpus_lib.VALIDATION).shuffle(seed=_shuffle_seed(_EVAL_SEED))
-    rows = rows[:min(len(rows), num_batches * self._batch_size)]
-    batches = []
-    for start in range(0, len(rows), self._batch_size):
-      block = [rows[i] for i in range(start, min(start + self._batch_size, len(rows)))]
-      padding = [np.full(self._seq_len + 1, self.tokenizer.pad_id, np.int32)] * (self._batch_size - len(block))
-      batches.append(self._to_batch(block + padding))
-    return batches
+    batches = rows[:num_batches * self._batch_size].batch(self._batch_size, batch_fn=self._to_batch)
+    return [batches[i] for i in range(len(batches))]
 
   def _to_batch(self, rows) -> Batch:
-    return batch_of_rows(np.stack(rows), self.tokenizer)
+    # Only the last evaluation batch can be short (training drops it): PAD rows, which the mask leaves out, fill it.
+    padding = [np.full(self._seq_len + 1, self.tokenizer.pad_id, np.int32)] * (self._batch_size - len(rows))
+    return batch_of_rows(np.stack([*rows, *padding]), self.tokenizer)
 
 
 class TrainIterator:

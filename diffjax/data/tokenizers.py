@@ -27,11 +27,9 @@ class Tokenizer(Protocol):
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """The ids of each text, as arrays; fast enough to tokenize a whole corpus once."""
-    ...
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; EOS, PAD and unknown ids are dropped, never raising."""
-    ...
 
 
 class ByteTokenizer:
@@ -48,9 +46,8 @@ class ByteTokenizer:
     return [np.frombuffer(text.encode('utf-8'), np.uint8) for text in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
-    data = bytes(int(i) for i in ids if 0 <= i < 256)
     # A model can emit a truncated or invalid multi-byte sequence; show it rather than fail.
-    return data.decode('utf-8', errors='replace')
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
 
 
 # Fixed ids so a model's embedding rows mean the same thing for every trained vocabulary.
@@ -68,10 +65,8 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_proto: bytes):
     self.model_proto = model_proto
-    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
-    self.vocab_size = self._processor.vocab_size()
-    self.eos_id = self._processor.eos_id()
-    self.pad_id = self._processor.pad_id()
+    self._processor = processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size, self.eos_id, self.pad_id = processor.vocab_size(), processor.eos_id(), processor.pad_id()
 
   @classmethod
   def train(cls, texts: Iterable[str], *, vocab_size: int) -> 'SentencePieceTokenizer':
@@ -80,24 +75,11 @@ class SentencePieceTokenizer:
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=_training_lines(texts),
-          model_writer=model,
-          vocab_size=vocab_size,
-          model_type='unigram',
-          normalization_rule_name='identity',
-          remove_extra_whitespaces=False,
-          byte_fallback=True,
-          allow_whitespace_only_pieces=True,
-          split_digits=True,
-          user_defined_symbols=['\n'],
-          pad_id=_SP_PAD_ID,
-          eos_id=_SP_EOS_ID,
-          unk_id=_SP_UNK_ID,
-          bos_id=-1,
-          max_sentence_length=1 << 16,
-          num_threads=os.cpu_count() or 1,
-          minloglevel=2,
-      )
+          sentence_iterator=_training_lines(texts), model_writer=model, vocab_size=vocab_size, model_type='unigram',
+          normalization_rule_name='identity', remove_extra_whitespaces=False, byte_fallback=True,
+          allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=['\n'],
+          pad_id=_SP_PAD_ID, eos_id=_SP_EOS_ID, unk_id=_SP_UNK_ID, bos_id=-1,
+          max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
       raise ConfigError(_vocab_size_error(vocab_size, str(e))) from e
     return cls(model.getvalue())
@@ -141,10 +123,7 @@ class SentencePieceTokenizer:
 
 def _training_lines(texts: Iterable[str]) -> Iterable[str]:
   # The trainer learns from single lines; the newline itself is the user-defined piece.
-  for text in texts:
-    for line in text.split('\n'):
-      if line:
-        yield line
+  return (line for text in texts for line in text.split('\n') if line)
 
 
 def _model_fault(model_proto: bytes) -> str | None:
@@ -174,12 +153,10 @@ def _model_fault(model_proto: bytes) -> str | None:
 
 def _vocab_size_error(vocab_size: int, trainer_message: str) -> str:
   """One actionable line from the trainer's multi-line complaint about the vocabulary size."""
-  too_small = re.search(r'smaller than required_chars\. \d+ vs (\d+)', trainer_message)
-  if too_small:
+  if too_small := re.search(r'smaller than required_chars\. \d+ vs (\d+)', trainer_message):
     return (f'data.sp_vocab_size: {vocab_size} is too small for the characters of this corpus; '
             f'use at least {too_small.group(1)}')
-  too_large = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', trainer_message)
-  if too_large:
+  if too_large := re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', trainer_message):
     return (f'data.sp_vocab_size: {vocab_size} is more pieces than the training text supports; use at most '
             f'{too_large.group(1)}, or give the trainer more text (data.sp_train_chars, a larger corpus)')
   first_line = trainer_message.strip().splitlines()[0] if trainer_message.strip() else 'unknown error'

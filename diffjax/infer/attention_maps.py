@@ -19,10 +19,8 @@ from diffjax.model.config import ModelConfig
 def sown(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT=None) -> tuple:
   """(logits (B, T, V), per layer a dict of what it sowed): `logits` (the scaled attention logits, NaN where a query
   cannot see), `a1`, `a2`, `lambda` (DIFF V1) or `probs` (the others), and `residual` (B, T, E), the block's output.
-
   The model runs on the einsum path, the one that sows (the cuDNN and Pallas kernels compute the same function but
-  show no maps), with its layers unrolled. Traceable, so callers may jit it and keep only what they need.
-  """
+  show no maps), with its layers unrolled. Traceable, so callers may jit it and keep only what they need."""
   cfg, params = model_lib.unscanned(dataclasses.replace(cfg, attention_impl='xla'), params)
   logits_BxTxV, state = model_lib.Transformer(cfg).apply({'params': params}, tokens_BxT,
                                                          segment_ids_BxT=segment_ids_BxT, mutable=['intermediates'])

@@ -127,10 +127,8 @@ def _decode(cfg: ModelConfig, params, cache, logits_BxV, lengths_B, key, tempera
 
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], num_tokens: int, *, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> Generation:
-  """Continues every prompt (token ids) by up to `num_tokens` tokens, each row stopping after `eos_id`.
-
-  Raises ConfigError if a prompt is empty, or a prompt and its continuation would pass the model's max_len.
-  """
+  """Continues every prompt (token ids) by up to `num_tokens` tokens, each row stopping after `eos_id`. Raises
+  ConfigError if a prompt is empty, or a prompt and its continuation would pass the model's max_len."""
   check_sampling(num_tokens, temperature, top_k, top_p)
   cfg, params = model_lib.unscanned(cfg, params)  # the cache is per layer
   if not prompts or any(len(prompt) == 0 for prompt in prompts):
@@ -142,10 +140,9 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], num_tokens: int
   tokens_BxP = np.zeros((len(prompts), max(lengths)), np.int32)
   for row, prompt in enumerate(prompts):
     tokens_BxP[row, :len(prompt)] = prompt
-  lengths_B = jnp.asarray(lengths, jnp.int32)
+  tokens_BxP, lengths_B = jnp.asarray(tokens_BxP), jnp.asarray(lengths, jnp.int32)
   # Slot p holds position p; the last token sampled is never fed back, so it needs no slot.
   slots = max(lengths) + num_tokens - 1
-  tokens_BxP = jnp.asarray(tokens_BxP)
   compiled_prefill = prefill.lower(cfg, params, tokens_BxP, lengths_B, slots).compile()
   start = time.perf_counter()
   logits_BxV, cache = jax.block_until_ready(compiled_prefill(params, tokens_BxP, lengths_B))

@@ -1,9 +1,8 @@
 """Whole models <-> Hugging Face `DiffLlamaForCausalLM` (diff_v1) and `LlamaForCausalLM` (baseline).
 
-`to_hf` and `from_hf` work on plain dicts (a config dict and a state_dict of float32 NumPy arrays), so they need
-neither torch nor transformers; `save_hf` and `load_hf` write and read a Hugging Face model directory, `save_run`
-and `import_run` go between such a directory and a training run, and `hf_model` and `from_hf_model` between the
-dicts and a live PyTorch model.
+`to_hf` and `from_hf` work on plain dicts (a config dict, a state_dict of float32 NumPy arrays) and need neither
+torch nor transformers; `save_hf`/`load_hf` write and read a Hugging Face model directory, `save_run`/`import_run` go
+between such a directory and a training run, and `hf_model`/`from_hf_model` between the dicts and a live model.
 
 The two frameworks compute the same function with differently ordered channels:
   - DIFF V1 sub-heads: diffjax stores (q1, q2) of differential head h as adjacent heads 2h, 2h+1 (and k1, k2 of
@@ -53,12 +52,12 @@ def _swap_channel_blocks(kernel_ExC, a: int, b: int, inner: int):
 
 
 def _reorder_qkv(cfg: ModelConfig, name: str, kernel_ExC, to_hf: bool):
-  """A q/k/v kernel's output channels in diffjax's order -> Hugging Face's (to_hf), or back. The two reorderings
-  commute: DIFF V1's moves whole heads, the interleaved RoPE pairing's moves channels within every head alike."""
+  """A q/k/v kernel's output channels in diffjax's order -> Hugging Face's (to_hf), or back; other kernels stay. The
+  reorderings commute: DIFF V1's moves whole heads, the interleaved RoPE pairing's moves channels within each head."""
   swaps = []
-  if cfg.variant == 'diff_v1':
+  if cfg.variant == 'diff_v1' and name in ('q_proj', 'k_proj', 'v_proj'):
     swaps.append((cfg.n_heads // 2 if name == 'q_proj' else cfg.kv_heads // 2, 2, cfg.head_dim))
-  if cfg.rope_pairing == 'interleaved' and name != 'v_proj':
+  if cfg.rope_pairing == 'interleaved' and name in ('q_proj', 'k_proj'):
     swaps.append((cfg.head_dim // 2, 2, 1))
   for a, b, inner in swaps:
     kernel_ExC = _swap_channel_blocks(kernel_ExC, *((a, b) if to_hf else (b, a)), inner)
@@ -101,8 +100,7 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   """(cfg, the model's unboxed `params` collection) -> (Hugging Face config dict, state_dict of float32 arrays).
 
   The state_dict has the keys of the Hugging Face model's own `state_dict()`, `lm_head.weight` included when the
-  embeddings are tied (it is the embedding matrix then), so `load_state_dict(strict=True)` accepts it. A DIFF V1
-  sub-layer norm scale is folded into o_proj (DiffLlama's norm has none): the same function, whatever the scale.
+  embeddings are tied (the embedding matrix then), so `load_state_dict(strict=True)` accepts it.
   """
   cfg, params = model_lib.unscanned(cfg, params)
   config = hf_config(cfg)
@@ -114,9 +112,7 @@ def to_hf(cfg: ModelConfig, params: Mapping) -> tuple[dict, dict[str, np.ndarray
   for layer in range(cfg.n_layers):
     block, prefix = params[f'block_{layer}'], f'model.layers.{layer}.'
     for ours, ours_name, theirs, theirs_name in _LINEARS:
-      kernel_ExC = array(block[ours][ours_name]['kernel'])
-      if ours_name in ('q_proj', 'k_proj', 'v_proj'):
-        kernel_ExC = _reorder_qkv(cfg, ours_name, kernel_ExC, to_hf=True)
+      kernel_ExC = _reorder_qkv(cfg, ours_name, array(block[ours][ours_name]['kernel']), to_hf=True)
       if ours_name == 'out_proj' and cfg.variant == 'diff_v1' and cfg.subln_scale:
         # The sub-layer norm's output channel i (of heads × 2d) is scaled by scale[i mod 2d] just before out_proj.
         kernel_ExC = kernel_ExC * np.tile(array(block['attn']['subln']['scale']), cfg.n_heads // 2)[:, None]
@@ -157,8 +153,7 @@ def _model_config(config: Mapping, settings: Mapping) -> ModelConfig:
                 norm_eps=float(config['rms_norm_eps']), tie_embeddings=bool(config.get('tie_word_embeddings', False)),
                 rope_pairing='half', subln_scale=False,
                 dtype=settings.get('dtype') or _checkpoint_dtype(config))
-  values.update(settings)
-  return ModelConfig(**values).validated()
+  return ModelConfig(**{**values, **settings}).validated()
 
 
 def _checkpoint_dtype(config: Mapping) -> str:
@@ -174,11 +169,10 @@ def _checkpoint_dtype(config: Mapping) -> str:
 def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConfig, dict]:
   """(Hugging Face config dict, state_dict) -> (ModelConfig, unboxed float32 `params` collection).
 
-  `settings` sets ModelConfig fields the Hugging Face config does not carry (IMPORT_SETTINGS). By default the
-  model computes in the checkpoint's dtype (float32 when it names none), and gets rope_pairing='half' (Hugging
-  Face's own, no reordering) and subln_scale=False (DiffLlama has none);
-  rope_pairing='interleaved' reorders q/k channels instead, and subln_scale=True adds scales of ones (so a model
-  exported with a learned scale comes back as the same function, the scale folded into out_proj).
+  `settings` sets ModelConfig fields the Hugging Face config does not carry (IMPORT_SETTINGS). By default the model
+  computes in the checkpoint's dtype (float32 when it names none), with rope_pairing='half' (Hugging Face's own) and
+  subln_scale=False (DiffLlama has none); rope_pairing='interleaved' reorders q/k channels instead, and
+  subln_scale=True adds scales of ones (a model exported with a learned scale comes back as the same function).
   """
   cfg = _model_config(config, settings)
   expected = set(hf_keys(cfg))
@@ -200,9 +194,7 @@ def from_hf(config: Mapping, state_dict: Mapping, **settings) -> tuple[ModelConf
     block = {'attn': {}, 'ffn': {}}
     for ours, ours_name, theirs, theirs_name in _LINEARS:
       kernel_ExC = np.ascontiguousarray(array(f'{prefix}{theirs}.{theirs_name}.weight').T)
-      if ours_name in ('q_proj', 'k_proj', 'v_proj'):
-        kernel_ExC = _reorder_qkv(cfg, ours_name, kernel_ExC, to_hf=False)
-      block[ours][ours_name] = {'kernel': kernel_ExC}
+      block[ours][ours_name] = {'kernel': _reorder_qkv(cfg, ours_name, kernel_ExC, to_hf=False)}
     for ours, theirs in _NORMS:
       block[ours] = {'scale': array(f'{prefix}{theirs}.weight')}
     if cfg.variant == 'diff_v1':
@@ -219,9 +211,8 @@ def hf_model(cfg: ModelConfig, params: Mapping | None = None, attn_implementatio
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   config, state_dict = (hf_config(cfg), None) if params is None else to_hf(cfg, params)
-  values = {k: v for k, v in config.items() if k != 'model_type'}
-  hf_cfg = transformers.AutoConfig.for_model(config['model_type'], **values)
-  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
+  model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
+                                                        attn_implementation=attn_implementation)
   if state_dict is not None:
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   return model
@@ -242,30 +233,29 @@ def from_hf_model(model, **settings) -> tuple[ModelConfig, dict]:
 
 
 _CONFIG, _SAFETENSORS, _TORCH_BIN = 'config.json', 'model.safetensors', 'pytorch_model.bin'
-_SAFETENSORS_INDEX = 'model.safetensors.index.json'
-_GENERATION_CONFIG = 'generation_config.json'
+_SAFETENSORS_INDEX, _GENERATION_CONFIG = 'model.safetensors.index.json', 'generation_config.json'
 
 
 def _read_weights(path: str) -> dict:
   """The state_dict in a Hugging Face directory: model.safetensors (or its shards), else pytorch_model.bin."""
-  files = {name: os.path.join(path, name) for name in (_SAFETENSORS, _SAFETENSORS_INDEX, _TORCH_BIN)}
-  if os.path.isfile(files[_SAFETENSORS]) or os.path.isfile(files[_SAFETENSORS_INDEX]):
+  single, index, torch_bin = (os.path.join(path, name) for name in (_SAFETENSORS, _SAFETENSORS_INDEX, _TORCH_BIN))
+  if os.path.isfile(single) or os.path.isfile(index):
     try:
       from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ConfigError(f'{path}: reading {_SAFETENSORS} needs the safetensors package '
                         '(pip install -e ".[hf]")') from None
-    if os.path.isfile(files[_SAFETENSORS]):
-      return load_file(files[_SAFETENSORS])
-    with open(files[_SAFETENSORS_INDEX], encoding='utf-8') as f:
+    if os.path.isfile(single):
+      return load_file(single)
+    with open(index, encoding='utf-8') as f:
       shards = sorted(set(json.load(f)['weight_map'].values()))
     return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
-  if os.path.isfile(files[_TORCH_BIN]):
+  if os.path.isfile(torch_bin):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ConfigError(f'{path}: reading {_TORCH_BIN} needs torch (pip install -e ".[hf]")') from None
-    state_dict = torch.load(files[_TORCH_BIN], map_location='cpu', weights_only=True)
+    state_dict = torch.load(torch_bin, map_location='cpu', weights_only=True)
     return {k: v.detach().float().numpy() for k, v in state_dict.items()}
   raise ConfigError(f'{path}: no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN} in the directory')
 
@@ -287,11 +277,9 @@ def load_hf(path, **settings) -> tuple[ModelConfig, dict]:
 def save_hf(cfg: ModelConfig, params: Mapping, path, tokenizer: tokenizers.Tokenizer | None = None) -> str:
   """Writes `to_hf`'s result as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json
   (float32) and model.safetensors (through the safetensors package; without it, pytorch_model.bin through torch).
-
-  With the `tokenizer` the model was trained with, also its files for `transformers.AutoTokenizer`
-  (`diffjax.data.hf_tokenizer`), its special-token ids in config.json and a generation_config.json that stops at the
-  end-of-document token, so `generate` ends where diffjax's does. A tied model's file leaves out lm_head.weight,
-  as transformers' own checkpoints do. Returns `path`.
+  With the `tokenizer` the model was trained with, also its files for `transformers.AutoTokenizer`, its special-token
+  ids in config.json and a generation_config.json that stops at the end-of-document token, so `generate` ends where
+  diffjax's does. Returns `path`.
   """
   path = os.fspath(path)
   config, state_dict = to_hf(cfg, params)
@@ -299,7 +287,7 @@ def save_hf(cfg: ModelConfig, params: Mapping, path, tokenizer: tokenizers.Token
     raise ConfigError(f'tokenizer: its {tokenizer.vocab_size} tokens do not fit the model\'s vocab_size of '
                       f'{cfg.vocab_size}; give the tokenizer the model was trained with')
   if cfg.tie_embeddings:
-    del state_dict['lm_head.weight']
+    del state_dict['lm_head.weight']  # as transformers' own checkpoints do
   try:
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -336,20 +324,22 @@ def save_run(workdir, path) -> str:
 
 
 def import_run(path, workdir, tokenizer: str | None = None) -> str:
-  """load_hf into a new run's workdir, which `open_run` reads (so sample, evaluate and export work on it) and
-  `checkpoint.init_from` trains on from: config.json (the defaults, with the model's keys, its tokenizer's and
-  `train.seq_len` at most `max_len`), the tokenizer (WORKDIR/tokenizer.model for SentencePiece) and a checkpoint of
-  step 0 that holds the parameters alone, with their checksums.
+  """load_hf into a new run's workdir, which `open_run` reads and `checkpoint.init_from` trains on from: config.json
+  (the defaults with the model's keys, its tokenizer's and `train.seq_len` at most `max_len`), the tokenizer
+  (WORKDIR/tokenizer.model for SentencePiece) and a step-0 checkpoint of the parameters alone, with checksums.
 
-  `tokenizer`: 'byte' or the path of a SentencePiece model; None takes the one in `path` (`read_tokenizer`: what
-  `save_hf` writes). The run is written beside WORKDIR and renamed into place, so WORKDIR appears only complete;
-  WORKDIR must be new or an empty folder. Returns WORKDIR.
+  `tokenizer`: 'byte' or the path of a SentencePiece model; None takes the one `save_hf` wrote into `path`. The run
+  is written beside WORKDIR and renamed into place, so WORKDIR (new or an empty folder) appears only complete.
+  Returns WORKDIR.
   """
   from diffjax.data import pipeline  # pylint: disable=import-outside-toplevel  (the run's files, only for this)
   from diffjax.run import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel  (Orbax)
   from diffjax.run import defaults  # pylint: disable=import-outside-toplevel
   path, workdir = os.fspath(path), os.path.abspath(os.fspath(workdir))
-  _check_new_workdir(workdir)
+  if os.path.isfile(os.path.join(workdir, 'config.json')) or os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConfigError(f'--workdir: {workdir} already holds a run; give a new folder for the imported one')
+  if os.path.lexists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise ConfigError(f'--workdir: {workdir} is not an empty folder; give a new folder for the imported run')
   if not os.path.isdir(path):
     raise ConfigError(f'--hf_dir: {path} is no directory; give the folder that save_pretrained or diffjax export '
                       'wrote')
@@ -384,13 +374,6 @@ def import_run(path, workdir, tokenizer: str | None = None) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     raise
   return workdir
-
-
-def _check_new_workdir(workdir: str):
-  if os.path.isfile(os.path.join(workdir, 'config.json')) or os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ConfigError(f'--workdir: {workdir} already holds a run; give a new folder for the imported one')
-  if os.path.lexists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-    raise ConfigError(f'--workdir: {workdir} is not an empty folder; give a new folder for the imported run')
 
 
 def _import_tokenizer(path: str, name: str | None) -> tokenizers.Tokenizer:

@@ -21,11 +21,9 @@ def from_reference(state_dict: Mapping[str, np.ndarray]) -> dict:
   if missing:
     raise ConfigError(f'state_dict: missing {", ".join(missing)}; expected the keys of MultiheadDiffAttn: '
                       f'{", ".join(REFERENCE_KEYS)}')
-  arrays = {k: np.asarray(state_dict[k], dtype=np.float32) for k in REFERENCE_KEYS}
-  params = {n: {'kernel': arrays[f'{n}.weight'].T.copy()} for n in _PROJECTIONS}
-  params.update({n: arrays[n].copy() for n in LAMBDA_VECTORS})
-  params['subln'] = {'scale': arrays['subln.weight'].copy()}
-  return params
+  array = lambda key: np.asarray(state_dict[key], dtype=np.float32)
+  return {**{n: {'kernel': array(f'{n}.weight').T.copy()} for n in _PROJECTIONS},
+          **{n: array(n).copy() for n in LAMBDA_VECTORS}, 'subln': {'scale': array('subln.weight').copy()}}
 
 
 def to_reference(params: Mapping) -> dict[str, np.ndarray]:

@@ -54,11 +54,9 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers
 
 
 def open_run(workdir: str | None) -> tuple[ModelConfig, dict, tokenizers.Tokenizer, int]:
-  """(model config, unboxed parameters, tokenizer, step) of the newest readable checkpoint in `workdir`.
-
-  Steps whose parameters cannot be read (or no longer match their checksums) are skipped with a one-line warning
-  each. Raises ConfigError if the workdir holds no run, no checkpoint yet, or no readable one.
-  """
+  """(model config, unboxed parameters, tokenizer, step) of the newest readable checkpoint in `workdir`. Steps whose
+  parameters cannot be read (or no longer match their checksums) are skipped with a one-line warning each; raises
+  ConfigError if the workdir holds no run, no checkpoint yet, or no readable one."""
   if not workdir:
     raise ConfigError('--workdir is required: the workdir of a training run')
   workdir = os.path.abspath(workdir)

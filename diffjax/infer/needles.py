@@ -52,10 +52,8 @@ def draw_needles(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
 
 def trial_prompts(tokenizer: tokenizers.Tokenizer, filler_ids: np.ndarray, context: int, depths: list[float],
                   needles: list[tuple[str, str]], queries: int, rng: np.random.Generator) -> list[Prompt]:
-  """One trial's prompts, depth-major: for each depth, one per queried needle (the first `queries` of `needles`).
-
-  Every prompt is exactly `context` tokens. Raises ConfigError if the needles and the question leave no room.
-  """
+  """One trial's prompts of exactly `context` tokens, depth-major: for each depth, one per queried needle (the first
+  `queries` of `needles`). Raises ConfigError if the needles and the question leave no room."""
   needle_ids = [[tokenizer.encode(part) for part in needle_parts(key, value)] for key, value in needles]
   question_ids = [tokenizer.encode(question(key)) for key, _ in needles[:queries]]
   fixed = 1 + sum(len(ids) for parts in needle_ids for ids in parts) + max(len(ids) for ids in question_ids)
@@ -68,9 +66,9 @@ def trial_prompts(tokenizer: tokenizers.Tokenizer, filler_ids: np.ndarray, conte
   window_len = filler_len + max(len(ids) for ids in question_ids)
   stream = np.tile(filler_ids, -(-(window_len + 1) // len(filler_ids)))
   start = int(rng.integers(0, len(stream) - window_len + 1))
-  window = [int(t) for t in stream[start:start + window_len]]
+  window = stream[start:start + window_len].tolist()
   filler, tail = window[:filler_len], window[filler_len:]
-  distractor_offsets = sorted(int(o) for o in rng.integers(0, filler_len + 1, len(needles) - queries))
+  distractor_offsets = sorted(rng.integers(0, filler_len + 1, len(needles) - queries).tolist())
   prompts = []
   for depth in depths:
     at = round(depth * filler_len)
@@ -131,8 +129,7 @@ def retrieval(cfg: ModelConfig, params, tokenizer: tokenizers.Tokenizer, prompts
 
 @functools.partial(jax.jit, static_argnums=0)
 def _last_rows(cfg: ModelConfig, params, tokens_BxT):
-  """Per layer, the attention row (B, H, T) of the last position: A1 − λ·A2 for DIFF V1, softmax for the
-  baseline."""
+  """Per layer, the last position's attention row (B, H, T): A1 − λ·A2 for DIFF V1, softmax for the baseline."""
   key = 'diff' if cfg.variant == 'diff_v1' else 'a'
   # Only these rows leave the program, so the full maps the forward pass computes are never kept.
   return [attention_maps.maps_of(cfg, layer_sown, rows=-1)[key]
@@ -151,13 +148,12 @@ def span_masses(rows_BxHxT: np.ndarray, spans: list[tuple[int, int]]) -> tuple[n
 
 def attention_to_needles(cfg: ModelConfig, params, prompts: list[Prompt], batch_size: int) -> tuple[np.ndarray, ...]:
   """(answer (P, L), noise (P, L)): each prompt's answer-span and noise masses per layer."""
-  answer, noise = [], []
+  masses = []  # per chunk, (2, len(chunk), L): answer and noise
   for chunk, padded in batches(prompts, batch_size):
     rows = _last_rows(cfg, params, jnp.asarray([p.tokens for p in padded], jnp.int32))
-    masses = [span_masses(np.asarray(rows_BxHxT), [p.span for p in padded]) for rows_BxHxT in rows]
-    answer.append(np.stack([a for a, _ in masses], -1)[:len(chunk)])
-    noise.append(np.stack([n for _, n in masses], -1)[:len(chunk)])
-  return np.concatenate(answer), np.concatenate(noise)
+    masses_Lx2xB = np.array([span_masses(np.asarray(rows_BxHxT), [p.span for p in padded]) for rows_BxHxT in rows])
+    masses.append(masses_Lx2xB.transpose(1, 2, 0)[:, :len(chunk)])
+  return tuple(np.concatenate(masses, axis=1))
 
 
 def evaluate_run(cfg: ModelConfig, params, tokenizer: tokenizers.Tokenizer, filler_ids: np.ndarray,

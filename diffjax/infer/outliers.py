@@ -1,17 +1,13 @@
 """Two more of the paper's claims, measured on trained runs: DIFF has fewer activation outliers, and it keeps its
-loss better when quantized to few bits. `python -m diffjax.outliers` (diffjax/outliers.py) runs them on runs.
+loss better when quantized to few bits. `python -m diffjax.outliers` (diffjax/outliers.py) runs them and describes
+the protocol.
 
-Outliers: the largest |value| and the kurtosis of the attention logits (the scaled pre-softmax scores of every
-query sub-head against the keys it sees, as the layers sow them) and of the residual stream each block hands on,
-per layer and over all layers, on the scored positions (mask 1) of a fixed set of windows. Kurtosis is Pearson's,
-E[(x − mean)^4] / var^2: 3 for a Gaussian, far more when a few entries dwarf the rest. Each batch's moments are
-central sums computed on the device in float32; batches and layers are merged on the host in float64.
+Outliers: the largest |value| and Pearson's kurtosis, E[(x − mean)^4] / var^2 (3 for a Gaussian, far more when a few
+entries dwarf the rest), of the attention logits and of the residual stream on the scored positions. Each batch's
+moments are central sums computed on the device in float32; batches and layers are merged on the host in float64.
 
 Quantization: symmetric round-to-nearest to b bits, q = clip(round(x / s), −(2^(b−1) − 1), 2^(b−1) − 1) · s with
-s = max|x| / (2^(b−1) − 1) over the values that share a scale. Weights: every projection kernel (attention, FFN,
-output head) with one scale per output channel; the embedding table, norm scales and λ vectors stay float32.
-Attention logits: at every layer, with one scale per sequence and query (sub-)head, from its largest logit a
-query sees. The loss (nats per scored token) is measured on the einsum attention path for every setting, the
+s = max|x| / (2^(b−1) − 1) over the values that share a scale. Every loss comes from the einsum attention path, the
 unquantized one included, since the kernels have no logits to quantize.
 """
 
@@ -70,8 +66,7 @@ def describe(m) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_moments(cfg: ModelConfig, params, batch):
-  """(L, 2, 6): per layer, the moments of its attention logits and of its residual stream on the batch's scored
-  positions."""
+  """(L, 2, 6): per layer, the moments of its attention logits and residual stream on the scored positions."""
   _, layers = attention_maps.sown(cfg, params, batch['inputs'], losses.document_segments(cfg, batch))
   scored_BxT = batch['mask'] > 0
   return jnp.stack([jnp.stack([
@@ -81,14 +76,10 @@ def _batch_moments(cfg: ModelConfig, params, batch):
 
 def activation_outliers(cfg: ModelConfig, params, batches) -> dict:
   """Max |value| and kurtosis of the attention logits and the residual stream, per layer and over all layers."""
-  total_Lx2x6 = None
-  for batch in batches:
-    batch_Lx2x6 = np.asarray(_batch_moments(cfg, params, batch), np.float64)
-    total_Lx2x6 = batch_Lx2x6 if total_Lx2x6 is None else np.array(
-        [[merge(t, b) for t, b in zip(layer_t, layer_b)] for layer_t, layer_b in zip(total_Lx2x6, batch_Lx2x6)])
+  per_batch_BxLx2x6 = np.array([_batch_moments(cfg, params, batch) for batch in batches], np.float64)
   report = {}
   for i, name in enumerate(('attention_logits', 'hidden_states')):
-    per_layer = total_Lx2x6[:, i]
+    per_layer = [functools.reduce(merge, batches_Bx6) for batches_Bx6 in per_batch_BxLx2x6[:, :, i].swapaxes(0, 1)]
     report[name] = {'layers': [describe(m) for m in per_layer],
                     'overall': describe(functools.reduce(merge, per_layer))}
   return report
@@ -142,8 +133,7 @@ def eval_loss(cfg: ModelConfig, params, batches, logit_bits: int = 0) -> float:
 
 
 def quantization_losses(cfg: ModelConfig, params, batches, bits: list[int]) -> dict:
-  """The loss unquantized, with the weights quantized to each of `bits`, and with the attention logits
-  quantized to each of `bits` (keys are the bit counts as strings, for JSON)."""
+  """The loss unquantized, and with the weights or the attention logits quantized to each of `bits` (str keys)."""
   return {'unquantized': eval_loss(cfg, params, batches),
           'weights': {str(b): eval_loss(cfg, quantize_weights(params, b), batches) for b in bits},
           'attention_logits': {str(b): eval_loss(cfg, params, batches, logit_bits=b) for b in bits}}

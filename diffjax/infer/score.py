@@ -48,10 +48,8 @@ def text_batches(tokenizer: tokenizers.Tokenizer, texts: list[str], seq_len: int
   """Batches of rows of seq_len + 1 tokens overlapping by one, over EOS + each text + EOS; padding has mask 0."""
   eos = np.array([tokenizer.eos_id], np.int64)
   stream = np.concatenate([eos] + [part for ids in tokenizer.encode_batch(texts) for part in (ids, eos)])
-  rows = []
-  for start in range(0, len(stream) - 1, seq_len):
-    row = stream[start:start + seq_len + 1]
-    rows.append(np.concatenate([row, np.full(seq_len + 1 - len(row), tokenizer.pad_id)]))
+  rows = [stream[start:start + seq_len + 1] for start in range(0, len(stream) - 1, seq_len)]
+  rows = [np.pad(row, (0, seq_len + 1 - len(row)), constant_values=tokenizer.pad_id) for row in rows]
   rows += [np.full(seq_len + 1, tokenizer.pad_id)] * (-len(rows) % batch_size)
   for start in range(0, len(rows), batch_size):
     yield data_lib.batch_of_rows(np.stack(rows[start:start + batch_size]).astype(np.int32), tokenizer)
