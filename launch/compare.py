@@ -14,8 +14,9 @@ shared parameter overwritten by the reference arm's, is saved under ROOT/init/ a
 own draw of it, and says so.
 
 For each arm it reports the gap of its final validation loss to the reference arm's (arm minus reference, so
-positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, as a
-table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm). Its tokens/s is the
+positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, and for
+an ablation (an arm with overrides) also its gap to the arm of its plain variant (`diff_v1_nonorm` against `diff_v1`,
+where both are arms), as a table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm). Its tokens/s is the
 median over the runs of the arm that had the accelerator to themselves (`--parallel=1`); runs trained side by side
 are left out of it.
 
@@ -472,12 +473,23 @@ def verdict(arm: str, reference: str, gap: dict) -> str:
           f'seed: {", ".join(f"{g:+.4f}" for g in gap["per_seed"])})')
 
 
+def plain_arm(arm: Arm, arms: list[Arm], reference: Arm) -> Arm | None:
+  """The arm that trains `arm`'s variant with no overrides, when `arm` is an ablation of it and neither is the
+  reference: an ablation is read against the model it changes as well as against the reference."""
+  if not arm.overrides or arm == reference:
+    return None
+  return next((other for other in arms if other.variant == arm.variant and not other.overrides
+               and other != reference), None)
+
+
 def report(arms: list[Arm], reference: Arm, results: dict[tuple[str, int], dict]) -> dict:
-  """Per arm: its finished seeds' final losses and, against the reference arm, the paired gap."""
+  """Per arm: its finished seeds' final losses and the paired gap against the reference arm, and, for an ablation,
+  against the arm of its plain variant (`plain_arm`)."""
   final = {arm.name: {seed: r['final_eval_loss'] for (name, seed), r in results.items() if name == arm.name}
            for arm in arms}
   out = {}
   for arm in arms:
+    plain = plain_arm(arm, arms, reference)
     losses = final[arm.name]
     # Throughput of runs that shared the accelerator says nothing about the arm, so only runs alone count.
     speeds = [r['median_tokens_per_s'] for (name, _), r in results.items() if name == arm.name
@@ -486,7 +498,9 @@ def report(arms: list[Arm], reference: Arm, results: dict[tuple[str, int], dict]
                      'final_eval_loss': {str(s): loss for s, loss in sorted(losses.items())},
                      'mean_final_eval_loss': float(np.mean(list(losses.values()))) if losses else None,
                      'median_tokens_per_s': float(np.median(speeds)) if speeds else None,
-                     'gap': None if arm == reference else paired_gap(losses, final[reference.name])}
+                     'gap': None if arm == reference else paired_gap(losses, final[reference.name]),
+                     'plain_arm': plain and plain.name,
+                     'gap_to_plain_arm': plain and paired_gap(losses, final[plain.name])}
   return out
 
 
@@ -511,6 +525,8 @@ def table(arms: list[Arm], reference: Arm, summary: dict) -> str:
   lines.append('')
   lines += [verdict(arm.name, reference.name, summary[arm.name]['gap']) for arm in arms
             if arm != reference and summary[arm.name]['gap'] is not None]
+  lines += [verdict(arm.name, summary[arm.name]['plain_arm'], summary[arm.name]['gap_to_plain_arm']) for arm in arms
+            if summary[arm.name]['gap_to_plain_arm']]
   return '\n'.join(lines)
 
 

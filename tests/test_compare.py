@@ -217,6 +217,25 @@ def test_the_verdict_says_worse_or_better_the_right_way_round():
   assert 'one seed' in compare.verdict('a', 'b', compare.paired_gap({0: 1.0}, {0: 1.1}))
 
 
+def test_an_ablation_is_also_read_against_its_plain_variant():
+  arms = [compare.parse_arm(spec) for spec in ('baseline', 'diff_v1', 'nonorm=diff_v1:model.diff_head_norm=False',
+                                               'wide=baseline:model.d_ff=64', 'v2=diff_v2:model.lambda_init=0.5')]
+  reference = arms[0]
+  losses = {'baseline': (1.10, 1.12), 'diff_v1': (1.14, 1.13), 'nonorm': (1.11, 1.12), 'wide': (1.09, 1.13),
+            'v2': (1.05, 1.06)}
+  results = {(name, seed): {'final_eval_loss': loss, 'median_tokens_per_s': None, 'trained_alongside': 1}
+             for name, pair in losses.items() for seed, loss in enumerate(pair)}
+  summary = compare.report(arms, reference, results)
+  # nonorm: against the reference as every arm, and against diff_v1, the model it changes.
+  np.testing.assert_allclose(summary['nonorm']['gap']['per_seed'], [0.01, 0.00], atol=1e-12)
+  assert summary['nonorm']['plain_arm'] == 'diff_v1'
+  np.testing.assert_allclose(summary['nonorm']['gap_to_plain_arm']['per_seed'], [-0.03, -0.01], atol=1e-12)
+  # An ablation of the reference's own variant, one whose plain variant is no arm, and the plain arms: no second gap.
+  assert all(summary[name]['gap_to_plain_arm'] is None for name in ('baseline', 'diff_v1', 'wide', 'v2'))
+  text = compare.table(arms, reference, summary)
+  assert 'nonorm is better than diff_v1 by 0.0200' in text and text.count('than diff_v1') == 1
+
+
 def test_throughput_counts_only_runs_that_had_the_accelerator_alone(tmp_path):
   args, arms, reference, _, runs = _configure(tmp_path / 'runs', {}, '--arms=baseline,diff_v1', '--seeds=0,1')
   by_name = {(run.arm.name, run.seed): run for run in runs}
