@@ -14,11 +14,11 @@ shared parameter overwritten by the reference arm's, is saved under ROOT/init/ a
 own draw of it, and says so.
 
 For each arm it reports the gap of its final validation loss to the reference arm's (arm minus reference, so
-positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, and for
-an ablation (an arm with overrides) also its gap to the arm of its plain variant (`diff_v1_nonorm` against `diff_v1`,
-where both are arms), as a table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each arm). Its tokens/s is the
-median over the runs of the arm that had the accelerator to themselves (`--parallel=1`); runs trained side by side
-are left out of it.
+positive is worse), per seed and as a mean with a 95% confidence interval from a paired t over the seeds, and for an
+ablation (an arm with overrides) also its gap to the arm of its plain variant (`diff_v1_nonorm` against `diff_v1`,
+where both are arms), as a table, ROOT/compare.json and ROOT/compare.png (loss curves, a band over the seeds of each
+arm). Its tokens/s is the median over the runs of the arm that had the accelerator to themselves (`--parallel=1`);
+runs trained side by side are left out of it.
 
 With `--analyses=outliers,needles` the paper's other claims are measured on each seed's trained models once all of
 its runs have finished, while their checkpoints are at hand: `python -m diffjax.outliers` (activation outliers,
