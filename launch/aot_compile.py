@@ -25,8 +25,7 @@ from diffjax.data import pipeline as data  # noqa: E402
 from diffjax.errors import ConfigError  # noqa: E402
 from diffjax.model import attention, sharding  # noqa: E402
 from diffjax.run import defaults  # noqa: E402
-from diffjax.train import optim  # noqa: E402
-from diffjax.train import step as train_step  # noqa: E402
+from diffjax.train import preflight  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/paper_1_4b.py.',
                                          lock_config=True)
@@ -63,13 +62,9 @@ def compile_for(config, topology: str) -> dict:
   cfg = defaults.model_config(config, vocab)
   tc = config.train
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
-  train, _ = train_step.compile_steps(cfg, tx, schedule, tc, mesh)
-  state = train_step.abstract_state(cfg, tx, mesh)
-  batch = train_step.batch_spec(tc.global_batch_size, tc.seq_len, train_step.batch_sharding(mesh))
   try:
     with attention.compiling_for('tpu'):  # the TPU's kernels, although this machine's backend is the CPU
-      compiled = train.lower(state, batch).compile()
+      parts = preflight.compiled_memory(config, cfg, mesh)
   except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program that cannot fit
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -77,19 +72,14 @@ def compile_for(config, topology: str) -> dict:
     raise ConfigError(f'--topology: the train step does not fit on {topology} ({reason}); raise '
                       'train.microbatches, shard more (mesh.fsdp, mesh.tensor), turn on model.remat, or take a '
                       'larger slice') from None
-  memory = compiled.memory_analysis()
-  parts = {key: int(getattr(memory, f'{key}_size_in_bytes')) for key in ('argument', 'output', 'temp',
-                                                                          'generated_code')}
-  # The state is donated: its outputs reuse the arguments' buffers (alias), counted once.
-  total = parts['argument'] + parts['output'] + parts['temp'] + parts['generated_code'] - int(
-      memory.alias_size_in_bytes)
+  total = parts.pop('total')
   chip = libtpu_name.split(':')[0]
   result = {'topology': topology, 'libtpu_topology': libtpu_name, 'chips': len(devices),
             'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape), 'variant': cfg.variant,
             'attention_impl': cfg.attention_impl, 'attention': describe_attention(cfg, tc.seq_len),
             'global_batch': tc.global_batch_size, 'seq_len': tc.seq_len,
             'microbatches': tc.microbatches, **{f'{k}_gib_per_chip': v / 2**30 for k, v in parts.items()},
-            'alias_gib_per_chip': int(memory.alias_size_in_bytes) / 2**30, 'total_gib_per_chip': total / 2**30}
+            'total_gib_per_chip': total / 2**30}
   if chip in HBM_GIB:
     result['hbm_gib_per_chip'] = HBM_GIB[chip]
     result['fits'] = total / 2**30 <= HBM_GIB[chip]

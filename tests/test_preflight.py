@@ -2,15 +2,18 @@
 hardware they name, one-line refusals that name a key and a value that fits, and nothing touched before them."""
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import subprocess
 
+import jax
 import pytest
 
 import reliability_helpers as rh
 from diffjax.data import pipeline as data
 from diffjax.errors import ConfigError
+from diffjax.model import sharding
 from diffjax.run import defaults
 from diffjax.train import preflight
 
@@ -47,19 +50,23 @@ def estimate(config, impl: str, mesh=ONE_DEVICE) -> preflight.Estimate:
                             preflight.state_bytes(cfg, config.train, mesh))
 
 
-def check(config, impl: str, budget: preflight.Budget, mesh=ONE_DEVICE):
-  preflight.check(config, model_config(config), impl, mesh, budget)
+def check(config, impl: str, budget: preflight.Budget, mesh=ONE_DEVICE, compiled=None):
+  preflight.check(config, model_config(config), impl, mesh, budget, compiled)
 
 
 # (config, attention path, mesh, GiB of temporaries the compiled step was measured to need: launch/results/; the TPU
-# rows are `launch/aot_compile.py --config.model.attention_impl=xla`, tpu_aot_memory_per_chip_xla_attention.jsonl)
+# rows are `launch/aot_compile.py --config.model.attention_impl=xla`, tpu_aot_memory_per_chip_xla_attention.jsonl,
+# compiled when the 1.4B config recomputed every block)
+NOTHING = {'model__remat_policy': 'nothing'}
 MEASURED = {
     'seed, bytes, H100': (lambda: seed_at_64x2048(384), 'cudnn', ONE_DEVICE, 24.14),
     'seed, 32k chunked, H100': (lambda: seed_at_64x2048(32000, train__loss_chunk_tokens=16384), 'cudnn', ONE_DEVICE,
                                 26.94),
     'seed, 32k, H100': (lambda: seed_at_64x2048(32000), 'cudnn', ONE_DEVICE, 38.39),
-    '1.4B on v5p-8': (lambda: config_file('paper_1_4b'), 'xla', {'data': 1, 'fsdp': 4, 'tensor': 1}, 7.01),
-    '1.4B on v6e-8': (lambda: config_file('paper_1_4b'), 'xla', {'data': 1, 'fsdp': 8, 'tensor': 1}, 3.84),
+    '1.4B on v5p-8': (lambda: config_file('paper_1_4b', **NOTHING), 'xla', {'data': 1, 'fsdp': 4, 'tensor': 1},
+                      7.01),
+    '1.4B on v6e-8': (lambda: config_file('paper_1_4b', **NOTHING), 'xla', {'data': 1, 'fsdp': 8, 'tensor': 1},
+                      3.84),
     '3B on v5p-8': (lambda: config_file('paper_3b'), 'xla', {'data': 1, 'fsdp': 4, 'tensor': 1}, 16.49),
     '3B, 32 microbatches, on v5p-8': (lambda: config_file('paper_3b', train__microbatches=32), 'xla',
                                       {'data': 1, 'fsdp': 4, 'tensor': 1}, 42.30),
@@ -198,3 +205,48 @@ def test_a_sharing_setting_the_user_made_wins(name):
   # JAX refuses both names of the fraction at once, so a user's old-named one must not gain a new-named twin.
   env = preflight.memory_env(2, {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'})
   assert env == {name: '0.3', 'XLA_PYTHON_CLIENT_ALLOCATOR': 'platform'}
+
+
+# The 1.4B config as it trains, on one H100 80GB: the pool JAX may fill (90% of the card) and the step as XLA compiled
+# it there, arguments and temporaries (launch/results/remat_1_4b_h100/config_dots_attention.json: 68.36 GiB peak).
+H100_POOL = preflight.Budget(device=int(71.26 * GIB), host=128 * GIB, local_devices=1)
+COMPILED_1_4B_ON_H100 = int(68.36 * GIB)
+
+
+def test_an_estimate_near_the_limit_is_settled_by_the_compiled_step():
+  config = config_file('paper_1_4b')  # dots_attention, 8 microbatches of 16
+  assert estimate(config, 'cudnn').device > H100_POOL.device  # the formula alone would refuse it
+  asked = []
+
+  def compiled(config, cfg, total=COMPILED_1_4B_ON_H100):
+    asked.append(cfg.remat_policy)
+    return total
+
+  check(config, 'cudnn', H100_POOL, compiled=compiled)
+  assert asked == ['dots_attention']
+  with pytest.raises(ConfigError) as error:
+    check(config, 'cudnn', H100_POOL, compiled=functools.partial(compiled, total=H100_POOL.device + GIB))
+  message = str(error.value)
+  assert message.startswith('model.remat_policy: this run needs about 72.3 GiB per device (the train step as XLA '
+                            'compiled it, and the batches read ahead), but a device has 71.3 GiB; set '
+                            'model.remat_policy=nothing (about '), message
+
+
+def test_an_estimate_far_from_the_limit_compiles_nothing():
+  def compiled(config, cfg):
+    raise AssertionError('compiled a step whose estimate was far from the limit')
+
+  check(config_file('paper_1_4b'), 'cudnn', preflight.Budget(200 * GIB, 128 * GIB, 1), compiled=compiled)
+  with pytest.raises(ConfigError):
+    check(config_file('paper_1_4b'), 'cudnn', preflight.Budget(40 * GIB, 128 * GIB, 1), compiled=compiled)
+
+
+def test_compiled_memory_counts_the_donated_state_once():
+  """The tiny step compiled on the CPU: its arguments hold the state, whose updated copy (the outputs) reuses them."""
+  config = config_file('tiny')
+  cfg = model_config(config)
+  parts = preflight.compiled_memory(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  state, _ = preflight.state_bytes(cfg, config.train, ONE_DEVICE)
+  assert parts['argument'] >= state and parts['alias'] >= state
+  assert parts['total'] == (parts['argument'] + parts['output'] + parts['temp'] + parts['generated_code']
+                            - parts['alias'])
