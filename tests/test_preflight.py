@@ -250,3 +250,9 @@ def test_compiled_memory_counts_the_donated_state_once():
   assert parts['argument'] >= state and parts['alias'] >= state
   assert parts['total'] == (parts['argument'] + parts['output'] + parts['temp'] + parts['generated_code']
                             - parts['alias'])
+
+
+def test_a_step_its_compiler_cannot_fit_leaves_the_estimate_to_refuse_it():
+  with pytest.raises(ConfigError) as error:
+    check(config_file('paper_1_4b'), 'cudnn', H100_POOL, compiled=lambda config, cfg: None)
+  assert 'per device (parameters and optimizer state ' in str(error.value)

@@ -193,7 +193,8 @@ def estimate(cfg: ModelConfig, train: dict, data_cfg, impl: str, mesh_shape: dic
   chunk = train['loss_chunk_tokens']
   logits = (tokens * 4 if not chunk else min(chunk, tokens) * 6) * V / t
   batch = BATCH_BYTES_PER_TOKEN * T
-  return Estimate(state=state[0], gradients=(1 if train['microbatches'] == 1 else 2) * state[1], activations=int(tokens * kept + logits),
+  gradients = (1 if train['microbatches'] == 1 else 2) * state[1]
+  return Estimate(state=state[0], gradients=gradients, activations=int(tokens * kept + logits),
                   batches=(data_cfg.prefetch_batches + 1) * sequences * batch,
                   host=(2 * data_cfg.read_threads + 2) * train['global_batch_size'] // processes * batch)
 
@@ -213,20 +214,26 @@ def compiled_memory(config, cfg: ModelConfig, mesh) -> dict[str, int]:
   return {**parts, 'total': total}
 
 
-def compiled_need(config, cfg: ModelConfig) -> int:
-  """`compiled_memory`'s total on this process's devices."""
+def compiled_need(config, cfg: ModelConfig) -> int | None:
+  """`compiled_memory`'s total on this process's devices; None where the compiler itself finds that it cannot fit
+  (the TPU's does), which leaves the estimate to speak."""
   if jax.process_index() == 0:
     print('memory: the estimate is near the device\'s limit; compiling the train step to measure it', flush=True)
-  return compiled_memory(config, cfg, sharding.make_mesh(config.mesh))['total']
+  try:
+    return compiled_memory(config, cfg, sharding.make_mesh(config.mesh))['total']
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    return None
 
 
 def check(config, cfg: ModelConfig, impl: str, mesh_shape: dict[str, int], budget: Budget | None = None,
           compiled=None):
   """Raises ConfigError (one line: the key to change and a value that fits) if the run does not fit.
 
-  `compiled(config, cfg)`: the compiled step's bytes per device, asked for where the estimate lands within
-  `COMPILE_NEAR` of a device's memory; by default `compiled_need` on this process's accelerators, and never on CPUs
-  or against a given `budget`.
+  `compiled(config, cfg)`: the compiled step's bytes per device (or None: unknown), asked for where the estimate
+  lands within `COMPILE_NEAR` of a device's memory; by default `compiled_need` on this process's accelerators, and
+  never on CPUs or against a given `budget`.
   """
   if not config.train.check_memory:
     return
@@ -238,7 +245,9 @@ def check(config, cfg: ModelConfig, impl: str, mesh_shape: dict[str, int], budge
   measure = lambda cfg, train: estimate(cfg, train, config.data, impl, mesh_shape, state, jax.process_count())
   need = measure(cfg, train)
   if compiled and abs(need.device / budget.device - 1) <= COMPILE_NEAR:
-    need = dataclasses.replace(need, compiled=compiled(config, cfg) + need.batches)
+    step = compiled(config, cfg)
+    if step is not None:
+      need = dataclasses.replace(need, compiled=step + need.batches)
   if budget.holds(need):
     return
   for key, value, changed_cfg, changed_train in _changes(cfg, train, mesh_shape, lambda *a: budget.holds(measure(*a))):
