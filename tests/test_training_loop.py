@@ -106,6 +106,14 @@ def test_loss_falls(full):
   assert all(math.isfinite(r['grad_norm']) and r['skipped_steps'] == 0 for r in full['records'] if 'loss' in r)
 
 
+def test_speed_is_reported_for_every_step_but_those_timed_apart(full):
+  """Step 1 compiles and step 6 ends the trace (steps 5-6): the window restarts after each, so their records, read
+  a step later, hold no steps to time, and report no speed rather than a speed of 0."""
+  trained = [r for r in full['records'] if 'loss' in r]
+  assert [r['step'] for r in trained if 'tokens_per_s' not in r] == [1, 6]
+  assert all(r['tokens_per_s'] > 0 and r.get('mfu', 1) > 0 for r in trained if 'tokens_per_s' in r)
+
+
 def test_logged_learning_rate_follows_the_schedule(full):
   """Step s applies the rate of optimizer step s - 1: warmup 0, 0.2, ..., then the peak (decay 'constant')."""
   peak, warmup = 3e-3, 5

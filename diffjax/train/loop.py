@@ -402,14 +402,17 @@ class Run:
     values = jax.device_get(step_metrics)
     self._check_finite(values)
     seconds = max(time.perf_counter() - window_start, 1e-9)
-    steps = max(step - window_step, 1)
-    tokens_per_s = (step - window_step) * self.config.train.global_batch_size * self.config.train.seq_len / seconds
-    # Time the loop stood waiting for the next batch: near 0 when the input pipeline keeps up with the step.
+    steps = step - window_step
     record = {'loss': float(values['loss']), 'learning_rate': float(values['learning_rate']),
-              'grad_norm': float(values['grad_norm']), 'tokens_per_s': tokens_per_s,
-              'data_wait_ms': 1e3 * iterator.wait_seconds / steps, 'skipped_steps': int(values['nonfinite_steps'])}
-    if peak:
-      record['mfu'] = tokens_per_s * flops_per_token / (jax.device_count() * peak)
+              'grad_norm': float(values['grad_norm'])}
+    # A window of no steps (the step that compiled, logged as the window restarts after it) has no speed to report.
+    if steps:
+      record['tokens_per_s'] = steps * self.config.train.global_batch_size * self.config.train.seq_len / seconds
+    # Time the loop stood waiting for the next batch: near 0 when the input pipeline keeps up with the step.
+    record.update(data_wait_ms=1e3 * iterator.wait_seconds / max(steps, 1),
+                  skipped_steps=int(values['nonfinite_steps']))
+    if peak and steps:
+      record['mfu'] = record['tokens_per_s'] * flops_per_token / (jax.device_count() * peak)
     if 'lambda' in values:
       record['lambda'] = values['lambda']
     memory = jax.local_devices()[0].memory_stats()  # None on CPUs
