@@ -4,7 +4,10 @@ With several steps queued, a GPU run whose step fits ran out of memory after its
 the same run trained at the step's speed with the peak of one step.
 """
 
+import time
+
 from diffjax.train import loop as trainer
+from diffjax.train import metrics as metrics_lib
 from helpers_training import load_config, run_overrides, write_corpus
 
 STEPS = 8
@@ -48,3 +51,32 @@ def test_the_first_record_reports_the_allocator_after_the_first_step(monkeypatch
   monkeypatch.setattr(trainer.jax, 'local_devices', lambda: [Device()])
   assert trainer.memory_after_first_step() == {'memory_in_use_gib': 1.0, 'largest_free_block_gib': 1.5,
                                                'memory_limit_gib': 8.0}
+
+
+def test_speed_windows_leave_no_time_between_them(tmp_path, monkeypatch):
+  """Each step takes at least STEP_S of the host's time and each record LOG_S to write: a run logging every step
+  trains a step per STEP_S + LOG_S at best, and its reported speed must say so rather than leave the writing out."""
+  step_s, log_s = 0.2, 0.4
+  corpus = write_corpus(tmp_path / 'corpus', num_docs=4, chars_per_doc=20_000)
+  config = load_config(run_overrides(corpus, tmp_path / 'data', train__steps=STEPS, checkpoint__every_steps=STEPS,
+                                     log__eval_every_steps=STEPS, log__every_steps=1))
+  (tmp_path / 'run').mkdir()
+  run = trainer.Run(config, str(tmp_path / 'run'))
+  real_step, real_write = run.train_fn, trainer.metrics_lib.MetricsWriter.write
+
+  def train_fn(state, batch):
+    time.sleep(step_s)
+    return real_step(state, batch)
+
+  def write(self, step, record):
+    time.sleep(log_s)
+    real_write(self, step, record)
+
+  run.train_fn = train_fn
+  monkeypatch.setattr(trainer.metrics_lib.MetricsWriter, 'write', write)
+  run.train()
+  tokens_per_step = config.train.global_batch_size * config.train.seq_len
+  speeds = [r['tokens_per_s'] for r in metrics_lib.read_records(str(tmp_path / 'run')) if 'tokens_per_s' in r
+            and r['step'] < STEPS]  # the last step's window ends before its own record and the evaluation
+  assert len(speeds) == STEPS - 2
+  assert all(tokens_per_step / speed > 0.9 * (step_s + log_s) for speed in speeds), speeds

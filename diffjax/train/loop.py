@@ -320,17 +320,21 @@ class Run:
     pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False
     first_step = step
 
-    def restart_window(at_step):
+    def restart_window(at_step, start=None):
       """Throughput and input wait are measured from here, so compilation, evaluation and saves stay out."""
       nonlocal window_start, window_step
-      window_start, window_step, iterator.wait_seconds = time.perf_counter(), at_step, 0.0
+      window_start, window_step, iterator.wait_seconds = start or time.perf_counter(), at_step, 0.0
 
     def write_pending():
       nonlocal pending, last
       if pending is not None:
-        last = self._log(writer, *pending, window_start, window_step, iterator, flops_per_token, peak)
+        # One window ends, and the next starts, where the logged step is seen done: the host's time spent logging
+        # (the device's memory statistics, the writers) falls inside the next window instead of between the two.
+        jax.block_until_ready(pending[1])
+        end = time.perf_counter()
+        last = self._log(writer, *pending, end - window_start, window_step, iterator, flops_per_token, peak)
         pending = None
-        restart_window(last['step'])
+        restart_window(last['step'], end)
 
     queued = None  # the outputs of the step before the one just dispatched
     try:
@@ -398,16 +402,17 @@ class Run:
     self.state = state
     return {**last, 'step': step, 'preempted': preempted}
 
-  def _log(self, writer, step, step_metrics, window_start, window_step, iterator, flops_per_token, peak):
+  def _log(self, writer, step, step_metrics, seconds, window_step, iterator, flops_per_token, peak):
+    """Writes the record of `step`, whose window began after `window_step` and lasted `seconds`."""
     values = jax.device_get(step_metrics)
     self._check_finite(values)
-    seconds = max(time.perf_counter() - window_start, 1e-9)
     steps = step - window_step
     record = {'loss': float(values['loss']), 'learning_rate': float(values['learning_rate']),
               'grad_norm': float(values['grad_norm'])}
     # A window of no steps (the step that compiled, logged as the window restarts after it) has no speed to report.
     if steps:
-      record['tokens_per_s'] = steps * self.config.train.global_batch_size * self.config.train.seq_len / seconds
+      record['tokens_per_s'] = steps * self.config.train.global_batch_size * self.config.train.seq_len / max(
+          seconds, 1e-9)
     # Time the loop stood waiting for the next batch: near 0 when the input pipeline keeps up with the step.
     record.update(data_wait_ms=1e3 * iterator.wait_seconds / max(steps, 1),
                   skipped_steps=int(values['nonfinite_steps']))
