@@ -323,7 +323,8 @@ class Run:
     def restart_window(at_step, start=None):
       """Throughput and input wait are measured from here, so compilation, evaluation and saves stay out."""
       nonlocal window_start, window_step
-      window_start, window_step, iterator.wait_seconds = start or time.perf_counter(), at_step, 0.0
+      window_start = time.perf_counter() if start is None else start
+      window_step, iterator.wait_seconds = at_step, 0.0
 
     def write_pending():
       nonlocal pending, last
