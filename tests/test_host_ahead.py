@@ -54,8 +54,9 @@ def test_the_first_record_reports_the_allocator_after_the_first_step(monkeypatch
 
 
 def test_speed_windows_leave_no_time_between_them(tmp_path, monkeypatch):
-  """Each step takes at least STEP_S of the host's time and each record LOG_S to write: a run logging every step
-  trains a step per STEP_S + LOG_S at best, and its reported speed must say so rather than leave the writing out."""
+  """Each step takes at least `step_s` of the host's time and each record `log_s` to write: a run logging every
+  step trains a step per step_s + log_s at best, and its reported speed must say so rather than leave the writing
+  out."""
   step_s, log_s = 0.2, 0.4
   corpus = write_corpus(tmp_path / 'corpus', num_docs=4, chars_per_doc=20_000)
   config = load_config(run_overrides(corpus, tmp_path / 'data', train__steps=STEPS, checkpoint__every_steps=STEPS,

@@ -247,9 +247,9 @@ def test_compiled_memory_counts_the_donated_state_once():
   cfg = model_config(config)
   parts = preflight.compiled_memory(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   state, _ = preflight.state_bytes(cfg, config.train, ONE_DEVICE)
-  assert parts['argument'] >= state and parts['alias'] >= state
-  assert parts['total'] == (parts['argument'] + parts['output'] + parts['temp'] + parts['generated_code']
-                            - parts['alias'])
+  assert parts['argument'] >= state and parts['alias'] >= state  # the donated state is aliased by its update
+  counted_twice = parts['argument'] + parts['output'] + parts['temp'] + parts['generated_code']
+  assert parts['argument'] + parts['temp'] <= parts['total'] <= counted_twice - state
 
 
 def test_a_step_its_compiler_cannot_fit_leaves_the_estimate_to_refuse_it():
