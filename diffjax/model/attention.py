@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from diffjax.errors import ConfigError
 from diffjax.model import kernels, splash
 from diffjax.model.config import PAPER_LAMBDA_INIT, ModelConfig, lambda_init_for
-from diffjax.model.layers import RMSNorm, dense, output_stddev
+from diffjax.model.layers import dense, norm_scale, output_stddev, rms_norm
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -202,9 +202,10 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   mask (the cache path; `xla` only). `observer`, the calling layer, sees the einsum path's logits and maps.
   """
   if impl == 'splash':
-    return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, interpret=_interpret())
+    return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT,
+                                   interpret=_interpret()).astype(jnp.float32)
   if impl == 'tokamax':
-    return _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+    return _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT).astype(jnp.float32)
   if impl == 'cudnn':
     # cuDNN applies the document mask as a bias next to its own causal mask.
     mask = _document_mask(segment_ids_BxT)
@@ -245,27 +246,42 @@ def cudnn_diff_v1_form(head_dim: int) -> str:
 
 
 def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
-  """Causal GQA attention through cuDNN with a value width W other than D; returns (B, T, N, W) float32."""
+  """Causal GQA attention through cuDNN with a value width W other than D; returns (B, T, N, W) in q's dtype."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
   mask = _document_mask(segment_ids_BxT)
   return cudnn_attention.dot_product_attention(
       q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
-      mask_type=cudnn_attention.MaskType.CAUSAL).astype(jnp.float32)
+      mask_type=cudnn_attention.MaskType.CAUSAL)
 
 
 def _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
   """Causal GQA attention through tokamax's Mosaic GPU flash kernel, forward and backward, which takes a value
-  width W other than D; returns (B, T, N, W) float32."""
+  width W other than D; returns (B, T, N, W) in q's dtype."""
   import tokamax
   mask = _document_mask(segment_ids_BxT)
   return tokamax.dot_product_attention(
       q_BxTxNxD, k_BxSxKxD, v_BxSxKxW.astype(q_BxTxNxD.dtype), mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
-      is_causal=True, implementation=TOKAMAX_KERNEL).astype(jnp.float32)
+      is_causal=True, implementation=TOKAMAX_KERNEL)
 
 
 def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
                       segment_ids_BxT=None, observer=None):
-  """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32.
+  """(A1 - λ A2) V for DIFF V1, returned as (B, T, H, 2D) float32; the arguments are `diff_v1_map_outputs`'s."""
+  return combine_maps(*diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl, visible_BxTxS,
+                                           segment_ids_BxT, observer), lam)
+
+
+def combine_maps(a1v_BxTxHx2D, a2v_BxTxHx2D, lam):
+  """A1 V - λ A2 V in float32, from `diff_v1_map_outputs`: the subtraction comes after both softmaxes, never on the
+  logits."""
+  a1v_BxTxHx2D = a1v_BxTxHx2D.astype(jnp.float32)
+  return a1v_BxTxHx2D if a2v_BxTxHx2D is None else a1v_BxTxHx2D - lam * a2v_BxTxHx2D.astype(jnp.float32)
+
+
+def diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visible_BxTxS=None,
+                        segment_ids_BxT=None, observer=None):
+  """(A1 V, A2 V) of DIFF V1, each (B, T, H, 2D) as the kernel returns it (cuDNN's and tokamax's in the compute
+  dtype); the Pallas kernel, which applies λ itself, returns ((A1 - λ A2) V in float32, None).
 
   Query sub-heads 2h and 2h+1 are (q1, q2) of differential head h, and the same for keys; q1 meets k1 and q2
   meets k2 of the same kv group h // R (the reference's flash semantics). `segment_ids_BxT` (training, T == S)
@@ -275,15 +291,15 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
   b, t, two_h, d = q_BxTx2HxD.shape
   heads, groups = two_h // 2, k_BxSx2GxD.shape[2] // 2
   if impl == 'pallas':
-    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, segment_ids_BxT=segment_ids_BxT)
+    return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
+                                           segment_ids_BxT=segment_ids_BxT), None
   if impl == 'cudnn':
     impl = f'cudnn_{cudnn_diff_v1_form(d)}'
   if impl in ('cudnn_wide', 'splash', 'tokamax'):
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
     wide = {'splash': functools.partial(splash.splash_attention, interpret=_interpret()),
             'cudnn_wide': _wide_value_attention, 'tokamax': _tokamax_attention}[impl]
-    a1v, a2v = (wide(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT) for c in (0, 1))
-    return a1v - lam * a2v
+    return tuple(wide(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT) for c in (0, 1))
   if impl == 'cudnn_split':
     # Value width == key width, as cuDNN asks without wide values: each map runs against both halves of V. Stacking
     # the q1 heads before the q2 heads (and k1 before k2) keeps jax's GQA grouping n // R on the right kv group.
@@ -292,17 +308,14 @@ def diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visibl
     halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
     out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), 'cudnn',
                                       segment_ids_BxT=segment_ids_BxT) for half in halves)
-    a1v = jnp.concatenate([out_a[:, :, :heads], out_b[:, :, :heads]], axis=-1)
-    a2v = jnp.concatenate([out_a[:, :, heads:], out_b[:, :, heads:]], axis=-1)
-    return a1v - lam * a2v
+    return tuple(jnp.concatenate([out_a[:, :, maps], out_b[:, :, maps]], axis=-1)
+                 for maps in (slice(0, heads), slice(heads, None)))
   # Sub-head (g·R + r)·2 + c is query sub-head 2h + c of head h = g·R + r: (G, R, 2) flattens to the query layout.
   out_BxTxGxRx2x2D = _einsum_attention(
       'btgrcd,bsgcd->bgrcts', 'bgrcts,bsge->btgrce', q_BxTx2HxD.reshape(b, t, groups, heads // groups, 2, d),
       k_BxSx2GxD.reshape(b, -1, groups, 2, d), v_BxSxGx2D, visible_BxTxS, segment_ids_BxT, observer,
       lambda probs_Bx2HxTxS: {'a1': probs_Bx2HxTxS[:, 0::2], 'a2': probs_Bx2HxTxS[:, 1::2], 'lambda': lam})
-  # The subtraction comes after both softmaxes, never on the logits.
-  out = out_BxTxGxRx2x2D[..., 0, :] - lam * out_BxTxGxRx2x2D[..., 1, :]
-  return out.reshape(b, t, heads, 2 * d)
+  return tuple(out_BxTxGxRx2x2D[..., c, :].reshape(b, t, heads, 2 * d) for c in (0, 1))
 
 
 LAMBDA_VECTORS = ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')
@@ -408,12 +421,35 @@ class DiffAttentionV1(_Attention):
     q_BxTx2HxD, k_BxTx2GxD, v_BxTxGx2D = _project(cfg, x_BxTxE, positions_BxT, cfg.n_heads, 2 * d)
     k_BxSx2GxD, v_BxSxGx2D, impl, visible_BxTxS, cache = _keys_values(cfg, k_BxTx2GxD, v_BxTxGx2D, positions_BxT,
                                                                       cache)
-    out_BxTxHx2D = diff_v1_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, self.lam(), impl, visible_BxTxS,
-                                     segment_ids_BxT, _observer(self, impl))
-    if cfg.diff_head_norm:
-      out_BxTxHx2D = RMSNorm(cfg.norm_eps, cfg.subln_scale, name='subln')(out_BxTxHx2D)
-      out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer, cfg.lambda_init_schedule))
+    lam = self.lam()
+    maps = diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl, visible_BxTxS, segment_ids_BxT,
+                               _observer(self, impl))
+    out_BxTxHx2D = nn.remat(DiffHeadOutputs)(cfg, self.layer, name='subln')(*maps, lam)
     return self.project_out(out_BxTxHx2D.reshape(b, t, heads * 2 * d), cache)
+
+
+class DiffHeadOutputs(nn.Module):
+  """DIFF V1's head outputs from its two maps' (`diff_v1_map_outputs`): A1 V - λ A2 V, then with the per-head norm
+  RMSNorm over each head's 2D channels and ×(1 - λ_init), in float32; returned in the compute dtype, which W_o
+  reads.
+
+  The layer runs it under `nn.remat`: the backward pass recomputes these few elementwise steps from the maps'
+  outputs, which the attention kernels keep for their own backward pass anyway, rather than keeping the float32
+  intermediates of the forward pass, each twice the bytes of a bf16 map output. Named 'subln' by the layer, its
+  scale keeps the parameter path of the per-head norm.
+  """
+  cfg: ModelConfig
+  layer: int  # 0-based depth, a traced index under scan_layers
+
+  @nn.compact
+  def __call__(self, a1v_BxTxHx2D, a2v_BxTxHx2D, lam):
+    cfg = self.cfg
+    out_BxTxHx2D = combine_maps(a1v_BxTxHx2D, a2v_BxTxHx2D, lam)
+    if cfg.diff_head_norm:
+      scale = norm_scale(self, out_BxTxHx2D.shape[-1]) if cfg.subln_scale else None
+      out_BxTxHx2D = rms_norm(out_BxTxHx2D, scale, cfg.norm_eps)
+      out_BxTxHx2D = out_BxTxHx2D * (1.0 - lambda_init_for(self.layer, cfg.lambda_init_schedule))
+    return out_BxTxHx2D.astype(cfg.compute_dtype)
 
 
 class DiffAttentionV2(_Attention):

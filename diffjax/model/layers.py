@@ -10,6 +10,18 @@ import jax.numpy as jnp
 from diffjax.model.config import ModelConfig
 
 
+def rms_norm(x, scale, eps: float):
+  """x / RMS(x) over the last axis in float32, times `scale` unless it is None."""
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x if scale is None else x * scale
+
+
+def norm_scale(module: nn.Module, width: int):
+  """The learnable scale of an RMSNorm over `width` channels (ones at init), declared in `module` as 'scale'."""
+  return module.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)), (width,), jnp.float32)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis with a learnable scale (ones at init), or none; computes and returns float32."""
   eps: float = 1e-5
@@ -17,12 +29,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    if not self.learnable_scale:
-      return x
-    return x * self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                          (x.shape[-1],), jnp.float32)
+    return rms_norm(x, norm_scale(self, x.shape[-1]) if self.learnable_scale else None, self.eps)
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple, name: str, stddev: float = 0.02):

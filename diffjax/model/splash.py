@@ -42,7 +42,7 @@ def _kernel(heads_per_group: int, seq_len: int, interpret: bool):
 
 
 def splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxW, segment_ids_BxT=None, *, interpret: bool = False):
-  """Causal attention, query head n reading kv head n // (N / K); returns (B, T, N, W) float32.
+  """Causal attention, query head n reading kv head n // (N / K); returns (B, T, N, W) in q's dtype.
 
   T must be a multiple of the kernel's tile (`runs_at`). `segment_ids_BxT` keeps each token inside its document.
   """
@@ -70,4 +70,4 @@ def splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxW, segment_ids_BxT=None, *, i
                                                   P(batch) if segment_ids_BxT is None else P(batch, None)),
                         out_specs=grouped, check_vma=False)
   out_BxKxRxTxW = run(q_BxKxRxTxD, k_BxKxTxD, v_BxKxTxW, segments)
-  return out_BxKxRxTxW.transpose(0, 3, 1, 2, 4).reshape(b, t, n, w).astype(jnp.float32)
+  return out_BxKxRxTxW.transpose(0, 3, 1, 2, 4).reshape(b, t, n, w)
