@@ -86,10 +86,10 @@ def main():
   with gzip.open(path, 'rt') as f:
     summary = summarize(json.load(f), args.top)
   summary['trace'] = path
-  print_summary(summary)
-  if args.out:
+  if args.out:  # written first, so that a reader of the table that stops early (`| head`) cannot lose it
     with open(args.out, 'w') as f:
       json.dump(summary, f, indent=1)
+  print_summary(summary)
 
 
 if __name__ == '__main__':
