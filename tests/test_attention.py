@@ -419,12 +419,13 @@ def test_tokamax_path_matches_xla(variant, segments, monkeypatch):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_v1_backward_pass_keeps_the_maps_outputs_not_float32_copies(monkeypatch):
-  # A bfloat16 stand-in for cuDNN's wide-value kernel (test_cudnn_gpu.py runs the kernel on a GPU). The head outputs
-  # (A1 V - λ A2 V, the per-head norm, the (1 - λ_init) factor) are recomputed in the backward pass, so it keeps
-  # the maps' bf16 outputs and no float32 tensor of their size: each such copy cost a write and a read of twice
-  # their bytes (0.9% of the seed step on an H100, docs/performance.md).
-  def bf16_wide_values(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
+@pytest.mark.parametrize('form', ['cudnn_wide', 'cudnn_split'])
+def test_v1_backward_pass_keeps_the_maps_outputs_not_float32_copies(form, monkeypatch):
+  # A bfloat16 stand-in for cuDNN (test_cudnn_gpu.py runs the kernels on a GPU), in both of DIFF V1's forms. The
+  # head outputs (A1 V - λ A2 V, the per-head norm, the (1 - λ_init) factor) are recomputed in the backward pass,
+  # so it keeps the maps' bf16 outputs and no float32 tensor of their shape: each such copy cost a write and a read
+  # of twice their bytes (0.9% of the seed step on an H100, docs/performance.md).
+  def bf16_kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
     b, t, n, d = q_BxTxNxD.shape
     kv = k_BxSxKxD.shape[2]
     out = attention._einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskw->btkrw',
@@ -432,8 +433,9 @@ def test_v1_backward_pass_keeps_the_maps_outputs_not_float32_copies(monkeypatch)
                                       segment_ids_BxT, None, lambda probs: {})
     return out.reshape(b, t, n, -1).astype(q_BxTxNxD.dtype)
 
-  monkeypatch.setattr(attention, '_wide_value_attention', bf16_wide_values)
-  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: 'cudnn_wide')
+  monkeypatch.setattr(attention, '_wide_value_attention', bf16_kernel)
+  monkeypatch.setattr(attention, '_cudnn_attention', bf16_kernel)
+  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: form)
   cfg = tiny_config(variant='diff_v1', dtype='bfloat16')
   module, x = DiffAttentionV1(cfg, 1), jnp.asarray(random_input((2, 24, cfg.d_model), seed=1), jnp.bfloat16)
   params = random_params(module, x, seed=2)

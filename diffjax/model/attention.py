@@ -201,16 +201,8 @@ def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=
   `segment_ids_BxT` (training, T == S) keeps each token inside its document; `visible_BxTxS` replaces the causal
   mask (the cache path; `xla` only). `observer`, the calling layer, sees the einsum path's logits and maps.
   """
-  if impl == 'splash':
-    return splash.splash_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT,
-                                   interpret=_interpret()).astype(jnp.float32)
-  if impl == 'tokamax':
-    return _tokamax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT).astype(jnp.float32)
-  if impl == 'cudnn':
-    # cuDNN applies the document mask as a bias next to its own causal mask.
-    mask = _document_mask(segment_ids_BxT)
-    return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=q_BxTxNxD.shape[-1] ** -0.5,
-                                        is_causal=True, implementation='cudnn').astype(jnp.float32)
+  if kernel := _kernel(impl):
+    return kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT).astype(jnp.float32)
   b, t, n, d = q_BxTxNxD.shape
   kv = k_BxSxKxD.shape[2]
   # Query head n = k·R + r, so (K, R) flattens to the head axis as it stands.
@@ -243,6 +235,20 @@ def cudnn_diff_v1_form(head_dim: int) -> str:
   D = 128 they are even at T 2048 (2.01x, 1.96x) and split leads at T 8192 (2.19x against 2.00x).
   """
   return 'wide' if head_dim <= 64 and cudnn_takes_wide_values() else 'split'
+
+
+def _kernel(impl: str):
+  """The kernel function of `impl`, (q, k, v, segment ids) -> (B, T, N, W) in q's dtype; None for the einsum path.
+  'cudnn' takes values as wide as the keys, 'cudnn_wide', 'splash' and 'tokamax' any width."""
+  return {'cudnn': _cudnn_attention, 'cudnn_wide': _wide_value_attention, 'tokamax': _tokamax_attention,
+          'splash': functools.partial(splash.splash_attention, interpret=_interpret())}.get(impl)
+
+
+def _cudnn_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT):
+  """Causal GQA attention through cuDNN, values as wide as keys; returns (B, T, N, D) in q's dtype."""
+  # cuDNN applies the document mask as a bias next to its own causal mask.
+  return jax.nn.dot_product_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask=_document_mask(segment_ids_BxT),
+                                      scale=q_BxTxNxD.shape[-1] ** -0.5, is_causal=True, implementation='cudnn')
 
 
 def _wide_value_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
@@ -297,8 +303,7 @@ def diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visi
     impl = f'cudnn_{cudnn_diff_v1_form(d)}'
   if impl in ('cudnn_wide', 'splash', 'tokamax'):
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
-    wide = {'splash': functools.partial(splash.splash_attention, interpret=_interpret()),
-            'cudnn_wide': _wide_value_attention, 'tokamax': _tokamax_attention}[impl]
+    wide = _kernel(impl)
     return tuple(wide(q_BxTx2HxD[:, :, c::2], k_BxSx2GxD[:, :, c::2], v_BxSxGx2D, segment_ids_BxT) for c in (0, 1))
   if impl == 'cudnn_split':
     # Value width == key width, as cuDNN asks without wide values: each map runs against both halves of V. Stacking
@@ -306,8 +311,8 @@ def diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visi
     q_BxTx2HxD = jnp.concatenate([q_BxTx2HxD[:, :, 0::2], q_BxTx2HxD[:, :, 1::2]], axis=2)
     k_BxSx2GxD = jnp.concatenate([k_BxSx2GxD[:, :, 0::2], k_BxSx2GxD[:, :, 1::2]], axis=2)
     halves = (v_BxSxGx2D[..., :d], v_BxSxGx2D[..., d:])
-    out_a, out_b = (softmax_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), 'cudnn',
-                                      segment_ids_BxT=segment_ids_BxT) for half in halves)
+    out_a, out_b = (_cudnn_attention(q_BxTx2HxD, k_BxSx2GxD, jnp.concatenate([half, half], axis=2), segment_ids_BxT)
+                    for half in halves)
     return tuple(jnp.concatenate([out_a[:, :, maps], out_b[:, :, maps]], axis=-1)
                  for maps in (slice(0, heads), slice(heads, None)))
   # Sub-head (g·R + r)·2 + c is query sub-head 2h + c of head h = g·R + r: (G, R, 2) flattens to the query layout.
