@@ -559,7 +559,8 @@ def plot(arms: list[Arm], results: dict[tuple[str, int], dict], path: str):
     axes[0].set_ylim(min(lows) - 0.05, np.percentile(lows, 90))
   for axis in axes:
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    if axis.lines:  # no run has finished yet: an empty plot, without a legend to warn about
+      axis.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

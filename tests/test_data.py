@@ -419,6 +419,19 @@ def test_an_epoch_that_ends_inside_a_batch_continues_into_the_next(tmp_path):
   assert _as_multiset(flat[:num_rows]) == stored and _as_multiset(flat[num_rows:2 * num_rows]) == stored
 
 
+def test_reading_plan_counts_passes_over_the_training_rows_and_warns_past_useful_ones(tmp_path):
+  _write_corpus(tmp_path / 'corpus', num_docs=40)
+  num_rows = _local_pipeline(tmp_path, batch_size=1).meta['splits'][TRAIN]['rows']
+  pipeline = _local_pipeline(tmp_path, batch_size=3, shard=(0, 2))  # 3 rows a process, 6 a step
+  for steps in (1, num_rows // 6, 4 * num_rows // 6, 4 * num_rows // 6 + 1, 50 * num_rows):
+    plan = pipeline.reading_plan(steps)
+    passes = steps * 6 / num_rows
+    assert plan.startswith(f'{steps} steps read {steps * 6:,} training sequences, {passes:.3g} passes over the '
+                           f"split's {num_rows:,}"), plan
+    # Past data.USEFUL_PASSES (4) the plan says what to change; the remedy names the corpus' own config key.
+    assert ('use a larger corpus (data.text_glob) or fewer train.steps' in plan) == (passes > data.USEFUL_PASSES)
+
+
 def test_train_stream_is_deterministic_for_a_seed(tmp_path):
   _write_corpus(tmp_path / 'corpus')
   take = lambda seed: [_local_pipeline(tmp_path, seed=seed).train_batches()[i] for i in range(5)]

@@ -180,13 +180,18 @@ def _texts_up_to(texts, max_chars: int) -> Iterator[str]:
 
 # -- reading ------------------------------------------------------------------------------------------------------
 
+# Up to about 4 epochs, repeated tokens train a language model about as well as new ones; past that their worth
+# falls fast (Muennighoff et al., "Scaling Data-Constrained Language Models", NeurIPS 2023).
+USEFUL_PASSES = 4
+
+
 class InputPipeline:
   """Training batches (a new permutation of all rows each epoch, endless) and evaluation batches (fixed)."""
 
   def __init__(self, folder: str, *, corpus: corpus_lib.Corpus, tokenizer: tokenizers.Tokenizer, seq_len: int,
                batch_size: int, seed: int, shard: tuple[int, int] = (0, 1), read_threads: int = 8,
                prefetch_batches: int = 2):
-    self.folder, self.tokenizer = folder, tokenizer
+    self.folder, self.tokenizer, self._corpus_key = folder, tokenizer, corpus.config_key
     self.meta = prepare.read_meta(folder)
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._shard, self._read_threads, self._prefetch_batches = shard, read_threads, prefetch_batches
@@ -197,6 +202,16 @@ class InputPipeline:
     if self.meta['splits'][corpus_lib.TRAIN]['rows'] < count:
       raise ConfigError(f'data.{corpus.config_key}: {self.meta["splits"][corpus_lib.TRAIN]["rows"]} training '
                         f'sequences cannot be shared among {count} processes; use a larger corpus or fewer hosts')
+
+  def reading_plan(self, steps: int) -> str:
+    """How much of the training split `steps` steps read, with a warning where they repeat it past its use."""
+    read, rows = steps * self._batch_size * self._shard[1], self.meta['splits'][corpus_lib.TRAIN]['rows']
+    passes = read / rows
+    plan = f'{steps} steps read {read:,} training sequences, {passes:.3g} passes over the split\'s {rows:,}'
+    if passes > USEFUL_PASSES:
+      plan += (f'; past about {USEFUL_PASSES} passes repeated text trains less than new text and the validation '
+               f'loss may rise: use a larger corpus (data.{self._corpus_key}) or fewer train.steps')
+    return plan
 
   def rows(self, split: str) -> grain.MapDataset:
     """The packed rows of a split, (seq_len + 1,) int32 each, in stored order."""

@@ -315,6 +315,7 @@ class Run:
     say(f'{self.cfg.variant}: {model_lib.count_params(state["params"]):,} parameters, attention '
         f'{attention.describe_impl(self.cfg, tc.seq_len)}, mesh {dict(self.mesh.shape)}, '
         f'{tc.global_batch_size} x {tc.seq_len} tokens per step')
+    say(self.pipeline.reading_plan(tc.steps))
     bar = tqdm(total=tc.steps, initial=step, unit='step', dynamic_ncols=True,
                disable=not log.progress_bar or jax.process_index() != 0)
     pending, window_start, window_step, last, preempted = None, time.perf_counter(), step, {}, False
