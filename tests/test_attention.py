@@ -419,49 +419,31 @@ def test_tokamax_path_matches_xla(variant, segments, monkeypatch):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def _bf16_kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
-  """A bfloat16 stand-in for cuDNN, which test_cudnn_gpu.py runs on a GPU: the einsum path, in q's dtype."""
-  b, t, n, d = q_BxTxNxD.shape
-  kv = k_BxSxKxD.shape[2]
-  out = attention._einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskw->btkrw',
-                                    q_BxTxNxD.reshape(b, t, kv, n // kv, d), k_BxSxKxD, v_BxSxKxW, None,
-                                    segment_ids_BxT, None, lambda probs: {})
-  return out.reshape(b, t, n, -1).astype(q_BxTxNxD.dtype)
-
-
-def _kept_by_backward_pass(variant: str, form: str, monkeypatch):
-  """(config, what the backward pass of one attention layer keeps as (shape, dtype) per array), on a bf16 stand-in
-  kernel."""
-  monkeypatch.setattr(attention, '_wide_value_attention', _bf16_kernel)
-  monkeypatch.setattr(attention, '_cudnn_attention', _bf16_kernel)
-  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: form)
-  cfg = tiny_config(variant=variant, dtype='bfloat16')
-  module, x = ATTENTION_BY_VARIANT[variant](cfg, 1), jnp.asarray(random_input((2, 24, cfg.d_model), seed=1),
-                                                                 jnp.bfloat16)
-  params = random_params(module, x, seed=2)
-  # The function jax.vjp returns is a pytree whose leaves are what the backward pass keeps.
-  _, backward = jax.vjp(lambda params: module.apply({'params': params}, x), params)
-  return cfg, [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(backward)]
-
-
 @pytest.mark.parametrize('form', ['cudnn_wide', 'cudnn_split'])
 def test_v1_backward_pass_keeps_the_maps_outputs_not_float32_copies(form, monkeypatch):
-  # In both of DIFF V1's forms the head outputs (A1 V - λ A2 V, the per-head norm, the (1 - λ_init) factor) are
-  # recomputed in the backward pass, so it keeps the maps' bf16 outputs and no float32 tensor of their shape: each
-  # such copy cost a write and a read of twice their bytes (0.9% of the seed step on an H100, docs/performance.md).
-  cfg, kept = _kept_by_backward_pass('diff_v1', form, monkeypatch)
+  # A bfloat16 stand-in for cuDNN (test_cudnn_gpu.py runs the kernels on a GPU), in both of DIFF V1's forms. The
+  # head outputs (A1 V - λ A2 V, the per-head norm, the (1 - λ_init) factor) are recomputed in the backward pass,
+  # so it keeps the maps' bf16 outputs and no float32 tensor of their shape: each such copy cost a write and a read
+  # of twice their bytes (0.9% of the seed step on an H100, docs/performance.md).
+  def bf16_kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
+    b, t, n, d = q_BxTxNxD.shape
+    kv = k_BxSxKxD.shape[2]
+    out = attention._einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskw->btkrw',
+                                      q_BxTxNxD.reshape(b, t, kv, n // kv, d), k_BxSxKxD, v_BxSxKxW, None,
+                                      segment_ids_BxT, None, lambda probs: {})
+    return out.reshape(b, t, n, -1).astype(q_BxTxNxD.dtype)
+
+  monkeypatch.setattr(attention, '_wide_value_attention', bf16_kernel)
+  monkeypatch.setattr(attention, '_cudnn_attention', bf16_kernel)
+  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: form)
+  cfg = tiny_config(variant='diff_v1', dtype='bfloat16')
+  module, x = DiffAttentionV1(cfg, 1), jnp.asarray(random_input((2, 24, cfg.d_model), seed=1), jnp.bfloat16)
+  params = random_params(module, x, seed=2)
   heads_shape = (2, 24, cfg.n_heads // 2, 2 * cfg.head_dim)  # (B, T, H, 2D): each map's output, the head outputs
-  dtypes = [dtype for shape, dtype in kept if shape == heads_shape]
-  assert dtypes.count(jnp.bfloat16) >= 2 and jnp.float32 not in dtypes, dtypes
-
-
-def test_v2_backward_pass_keeps_the_kernels_output_not_float32_copies(monkeypatch):
-  # DIFF V2's head outputs, o(2h) - λ o(2h+1), are recomputed in the backward pass from the kernel's bf16 output,
-  # rather than kept as a float32 copy of o(2h+1) for λ's gradient.
-  cfg, kept = _kept_by_backward_pass('diff_v2', 'cudnn', monkeypatch)
-  heads, pairs = (2, 24, 2 * cfg.n_heads, cfg.head_dim), (2, 24, cfg.n_heads, cfg.head_dim)
-  assert (heads, jnp.bfloat16) in kept, kept
-  assert not [dtype for shape, dtype in kept if shape in (heads, pairs) and dtype == jnp.float32], kept
+  # The function jax.vjp returns is a pytree whose leaves are what the backward pass keeps.
+  _, backward = jax.vjp(lambda params: module.apply({'params': params}, x), params)
+  kept = [leaf.dtype for leaf in jax.tree.leaves(backward) if leaf.shape == heads_shape]
+  assert kept.count(jnp.bfloat16) >= 2 and jnp.float32 not in kept, kept
 
 
 def test_cudnn_needs_half_precision_everywhere():

@@ -196,14 +196,13 @@ def _einsum_attention(logits_spec: str, out_spec: str, q, k, v, visible_BxTxS, s
 
 def softmax_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, impl: str, visible_BxTxS=None, segment_ids_BxT=None,
                       observer=None):
-  """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D), in q's dtype from
-  a kernel.
+  """Causal attention with GQA (query head n reads kv head n // (N / K)); returns (B, T, N, D) float32.
 
   `segment_ids_BxT` (training, T == S) keeps each token inside its document; `visible_BxTxS` replaces the causal
   mask (the cache path; `xla` only). `observer`, the calling layer, sees the einsum path's logits and maps.
   """
   if kernel := _kernel(impl):
-    return kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+    return kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT).astype(jnp.float32)
   b, t, n, d = q_BxTxNxD.shape
   kv = k_BxSxKxD.shape[2]
   # Query head n = k·R + r, so (K, R) flattens to the head axis as it stands.
@@ -385,7 +384,7 @@ class _Attention(nn.Module):
 
   def softmax_heads(self, x_BxTxE, positions_BxT, cache, segment_ids_BxT, n_q: int):
     """Softmax attention of `n_q` query heads over the layer's kv heads, as DIFF V2 and the baseline run it:
-    (outputs (B, T, n_q, D) as `softmax_attention` returns them, the kernel that ran, the updated cache or None)."""
+    (outputs (B, T, n_q, D) float32, the kernel that ran, the updated cache or None)."""
     cfg = self.cfg
     positions_BxT = _positions(x_BxTxE, positions_BxT, cache)
     q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = _project(cfg, x_BxTxE, positions_BxT, n_q, cfg.head_dim)
@@ -471,18 +470,8 @@ class DiffAttentionV2(_Attention):
     lam_BxTxH = jax.nn.sigmoid(dense(cfg, heads, ('embed', None), 'lambda_proj')(x_BxTxE).astype(jnp.float32))
     if recording(self) and impl == 'xla':
       self.sow('intermediates', 'lambda', lam_BxTxH)
-    out_BxTxHxD = jax.checkpoint(combine_pairs)(out_BxTx2HxD, lam_BxTxH).astype(cfg.compute_dtype)
+    out_BxTxHxD = out_BxTx2HxD[:, :, 0::2] - lam_BxTxH[..., None] * out_BxTx2HxD[:, :, 1::2]
     return self.project_out(out_BxTxHxD.reshape(b, t, heads * d), cache)
-
-
-def combine_pairs(out_BxTx2HxD, lam_BxTxH):
-  """DIFF V2's head outputs, pair h's first query head's output minus λ times its second's, in float32.
-
-  The layer runs it under `jax.checkpoint`, so that the backward pass recomputes it from the kernel's output, which
-  the kernel keeps anyway, rather than keeping a float32 copy of the second heads' outputs for λ's gradient.
-  """
-  out = out_BxTx2HxD.astype(jnp.float32)
-  return out[:, :, 0::2] - lam_BxTxH[..., None] * out[:, :, 1::2]
 
 
 class MultiHeadAttention(_Attention):
