@@ -1,11 +1,12 @@
 """The top operations of a jax.profiler trace (a run's WORKDIR/profile, from `log.profile_start_step`).
 
-  python launch/profile_summary.py WORKDIR/profile --top 25 --out profile_summary.json
+  python launch/profile_summary.py WORKDIR/profile --top 25 --steps 2 --out profile_summary.json
 
 Reads the newest `*.trace.json.gz` below the folder and adds up the duration of every complete event by name, on the
 accelerators (`/device:...` processes: kernels and XLA fusions) and, separately, on the host. It prints, per
 device, how busy it was over the traced window (the gap is time the device waited: for the host, the input or a
-sync) and the operations that took the most time, then writes the same as JSON.
+sync), its time per step by kind of operation (attention kernels, matrix multiplications, copies, the rest; over
+--steps, the run's `log.profile_steps`) and the operations that took the most time, then writes the same as JSON.
 """
 
 import argparse
@@ -24,8 +25,21 @@ def newest_trace(folder: str) -> str:
   return max(paths, key=os.path.getmtime)
 
 
-def summarize(trace: dict, top: int) -> dict:
-  """{'devices': {process: {'busy_ms', 'window_ms', 'ops': [...]}}, 'host': {...}} of a Chrome-format trace."""
+# Kinds of operation, told by name, the first that matches: cuDNN's attention (with its helper kernels) and the
+# Pallas ones, matrix multiplications (cuBLAS, XLA's GEMM fusions), and copies between buffers.
+KINDS = (('attention', ('sdpa', 'flash', 'attention', 'cudnn::fusion')),
+         ('matmul', ('nvjet', 'gemm', 'cublas', 'cutlass', 'xmma', 'convolution')),
+         ('copy', ('memcpy', 'copy')))
+
+
+def kind_of(name: str) -> str:
+  lowered = name.lower()
+  return next((kind for kind, marks in KINDS if any(mark in lowered for mark in marks)), 'other')
+
+
+def summarize(trace: dict, top: int, steps: int = 1) -> dict:
+  """{'devices': {process: {'busy_ms', 'window_ms', 'step_ms_by_kind', 'ops': [...]}}, 'host': {...}} of a
+  Chrome-format trace of `steps` steps; an operation's time is the sum of its own events, nested ones included."""
   events = trace['traceEvents']
   processes = {e['pid']: e['args']['name'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   groups = collections.defaultdict(list)
@@ -41,7 +55,11 @@ def summarize(trace: dict, top: int) -> dict:
       counts[event['name']] += 1
     begin, end = min(e['ts'] for e in items), max(e['ts'] + e['dur'] for e in items)
     busy = _union_length(sorted((e['ts'], e['ts'] + e['dur']) for e in items))
-    part = {'window_ms': (end - begin) / 1e3, 'busy_ms': busy / 1e3,
+    by_kind = collections.Counter()
+    for name, total in totals.items():
+      by_kind[kind_of(name)] += total / 1e3 / steps
+    part = {'window_ms': (end - begin) / 1e3, 'busy_ms': busy / 1e3, 'steps': steps,
+            'step_ms_by_kind': {kind: by_kind[kind] for kind in [k for k, _ in KINDS] + ['other']},
             'ops': [{'name': name, 'total_ms': total / 1e3, 'count': counts[name], 'share': total / max(busy, 1e-9)}
                     for name, total in totals.most_common(top)]}
     if process == 'host':
@@ -71,6 +89,8 @@ def print_summary(summary: dict):
       continue
     print(f'{process}: busy {part["busy_ms"]:.1f} of {part["window_ms"]:.1f} ms '
           f'({100 * part["busy_ms"] / max(part["window_ms"], 1e-9):.1f}%)')
+    print(f'ms per step over {part["steps"]}: ' + ', '.join(f'{kind} {ms:.1f}'
+                                                            for kind, ms in part['step_ms_by_kind'].items()))
     print(f'{"total ms":>10} {"count":>7} {"share":>7}  operation')
     for op in part['ops']:
       print(f'{op["total_ms"]:>10.2f} {op["count"]:>7} {100 * op["share"]:>6.1f}%  {op["name"][:100]}')
@@ -80,11 +100,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('folder', help='a run\'s profile folder (WORKDIR/profile) or any folder above a trace')
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--steps', type=int, default=1, help='steps the trace holds (the run\'s log.profile_steps)')
   parser.add_argument('--out', default='', help='write the summary as JSON here')
   args = parser.parse_args()
   path = newest_trace(args.folder)
   with gzip.open(path, 'rt') as f:
-    summary = summarize(json.load(f), args.top)
+    summary = summarize(json.load(f), args.top, args.steps)
   summary['trace'] = path
   if args.out:  # written first, so that a reader of the table that stops early (`| head`) cannot lose it
     with open(args.out, 'w') as f:

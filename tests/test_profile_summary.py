@@ -34,6 +34,18 @@ def test_device_busy_time_and_top_operations():
   assert summary['host']['busy_ms'] == pytest.approx(0.1)
 
 
+def test_time_per_step_by_kind_of_operation():
+  trace = _trace()
+  names = ('cudnn_generated_fort_native_sdpa_sm90_flash_bprop', 'nvjet_sm90_tst_128x160', 'memcpy128',
+           'loop_add_fusion')
+  trace['traceEvents'] += [{'ph': 'X', 'pid': 1, 'tid': 8, 'name': n, 'ts': 200 + 10 * i, 'dur': 4 * (i + 1)}
+                           for i, n in enumerate(names)]
+  by_kind = profile_summary.summarize(trace, top=3, steps=2)['devices']['/device:GPU:0']['step_ms_by_kind']
+  # The hand-made trace's own gemm events (65 µs) are matmuls and its fusion.1 (20 µs) is in the rest.
+  assert by_kind == pytest.approx({'attention': 0.002, 'matmul': (65 + 8) / 2e3, 'copy': 0.006,
+                                   'other': (20 + 16) / 2e3})
+
+
 def test_a_folder_without_a_trace_is_one_line(tmp_path):
   with pytest.raises(SystemExit, match=r'^error: no \*\.trace\.json\.gz below'):
     profile_summary.newest_trace(str(tmp_path))
