@@ -257,6 +257,20 @@ def test_throughput_counts_only_runs_that_had_the_accelerator_alone(tmp_path):
   assert row.startswith('diff_v1') and ' - ' in row and '400' not in row
 
 
+def test_progress_says_when_a_run_repeats_its_data_past_the_useful_passes(tmp_path):
+  *_, runs = _configure(tmp_path / 'runs', {}, '--arms=baseline', '--seeds=0')
+  run = runs[0]
+  os.makedirs(run.workdir)
+  for passes in (data.USEFUL_PASSES, 84.8):
+    records = [{'step': 1, 'data_ready_s': 1.0, 'train_passes': passes}, {'step': 10, 'loss': 2.5}]
+    with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
+      f.writelines(json.dumps(record) + '\n' for record in records)
+    line = compare.progress_line('[1/1]', run, started=0.0)
+    assert line.startswith('[1/1] baseline seed 0: step 10/'), line
+    warned = '84.8 passes over its training split, past the 4 where repeated text trains about as well as new'
+    assert (warned in line) == (passes > data.USEFUL_PASSES), line
+
+
 # --- The command, end to end. ------------------------------------------------------------------------------------
 
 

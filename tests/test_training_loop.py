@@ -114,6 +114,13 @@ def test_speed_is_reported_for_every_step_but_those_timed_apart(full):
   assert all(r['tokens_per_s'] > 0 and r.get('mfu', 1) > 0 for r in trained if 'tokens_per_s' in r)
 
 
+def test_the_run_says_how_often_its_steps_read_the_training_split(full, restored):
+  batch, rows = restored['config'].train.global_batch_size, restored['pipeline'].meta['splits']['train']['rows']
+  first = next(r for r in full['records'] if 'train_passes' in r)
+  assert first['step'] == 1 and first['train_passes'] == pytest.approx(STEPS * batch / rows)
+  assert f'{STEPS} steps read {STEPS * batch:,} training sequences' in full['proc'].stdout
+
+
 def test_logged_learning_rate_follows_the_schedule(full):
   """Step s applies the rate of optimizer step s - 1: warmup 0, 0.2, ..., then the peak (decay 'constant')."""
   peak, warmup = 3e-3, 5

@@ -194,7 +194,7 @@ class Run:
                                          batch_size=tc.global_batch_size // jax.process_count(),
                                          seed=config.seed, workdir=self.workdir,
                                          shard=(jax.process_index(), jax.process_count()), barrier=barrier)
-    self.startup = {'data_ready_s': time.perf_counter() - self.started}
+    self.startup = {'data_ready_s': time.perf_counter() - self.started, 'train_passes': self.pipeline.passes(tc.steps)}
     self.cfg = defaults.model_config(config, self.pipeline.tokenizer.vocab_size)
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx, self.schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
