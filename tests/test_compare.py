@@ -267,7 +267,7 @@ def test_progress_says_when_a_run_repeats_its_data_past_the_useful_passes(tmp_pa
       f.writelines(json.dumps(record) + '\n' for record in records)
     line = compare.progress_line('[1/1]', run, started=0.0)
     assert line.startswith('[1/1] baseline seed 0: step 10/'), line
-    warned = '84.8 passes over its training split, past the 4 where repeated text trains about as well as new'
+    warned = f'{passes:.1f} passes over its training split, past the 4 where repeated text trains about as well as new'
     assert (warned in line) == (passes > data.USEFUL_PASSES), line
 
 

@@ -204,14 +204,14 @@ class InputPipeline:
                         f'sequences cannot be shared among {count} processes; use a larger corpus or fewer hosts')
 
   def passes(self, steps: int) -> float:
-    """How many times `steps` training steps read the training split."""
+    """How many times `steps` training steps, each of every process's batch, read the training split."""
     return steps * self._batch_size * self._shard[1] / self.meta['splits'][corpus_lib.TRAIN]['rows']
 
   def reading_plan(self, steps: int) -> str:
     """How much of the training split `steps` steps read, with a warning where they repeat it past its use."""
     passes, rows = self.passes(steps), self.meta['splits'][corpus_lib.TRAIN]['rows']
-    plan = f'{steps} steps read {steps * self._batch_size * self._shard[1]:,} training sequences, {passes:.3g} ' \
-           f'passes over the split\'s {rows:,}'
+    plan = f'{steps} steps read {round(passes * rows):,} training sequences, {passes:.3g} passes over the split\'s ' \
+           f'{rows:,}'
     if passes > USEFUL_PASSES:
       plan += (f'; past about {USEFUL_PASSES} passes repeated text trains less than new text and the validation '
                f'loss may rise: use a larger corpus (data.{self._corpus_key}) or fewer train.steps')
