@@ -301,7 +301,8 @@ def progress_line(index: str, run: Run, started: float) -> str:
   speed = train[-1].get('tokens_per_s', 0) / (run.config.train.global_batch_size * run.config.train.seq_len)
   eta = f', about {(total - step) / speed / 60:.1f} min left' if speed > 0 and step < total else ''
   val = f', validation {evals[-1]["eval_loss"]:.4f} at step {evals[-1]["step"]}' if evals else ''
-  passes = next((r['train_passes'] for r in records if 'train_passes' in r), 0)
+  # The newest start's figure: a run resumed with more train.steps reads its split more often.
+  passes = next((r['train_passes'] for r in reversed(records) if 'train_passes' in r), 0)
   repeats = (f'; {passes:.1f} passes over its training split, past the {data_lib.USEFUL_PASSES} where repeated text '
              'trains about as well as new (see its log)') if passes > data_lib.USEFUL_PASSES else ''
   return (f'{index} {run.name}: step {step}/{total} ({100 * step / total:.0f}%), loss {train[-1]["loss"]:.4f}{val}'

@@ -262,7 +262,9 @@ def test_progress_says_when_a_run_repeats_its_data_past_the_useful_passes(tmp_pa
   run = runs[0]
   os.makedirs(run.workdir)
   for passes in (data.USEFUL_PASSES, 84.8):
-    records = [{'step': 1, 'data_ready_s': 1.0, 'train_passes': passes}, {'step': 10, 'loss': 2.5}]
+    # A first start of 5 steps, then a resumed one with the figure of its own train.steps, which counts.
+    records = [{'step': 1, 'data_ready_s': 1.0, 'train_passes': 1.0}, {'step': 5, 'loss': 3.0},
+               {'step': 6, 'data_ready_s': 1.0, 'train_passes': passes}, {'step': 10, 'loss': 2.5}]
     with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
       f.writelines(json.dumps(record) + '\n' for record in records)
     line = compare.progress_line('[1/1]', run, started=0.0)

@@ -363,7 +363,8 @@ class Run:
           self.checkpoints.check()
         if step == first_step + 1:  # throughput windows start after the compilation in the first step
           jax.block_until_ready(step_metrics)
-          # Seconds from launch at which the data, the state and the first step (compiled and run) were ready.
+          # Seconds from launch at which the data, the state and the first step (compiled and run) were ready, and
+          # how many times train.steps read the training split.
           writer.write(step, {**self.startup, 'first_step_s': time.perf_counter() - window_start,
                               'startup_s': time.perf_counter() - self.started, **memory_after_first_step()})
           restart_window(step)
