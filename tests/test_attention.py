@@ -419,23 +419,47 @@ def test_tokamax_path_matches_xla(variant, segments, monkeypatch):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def _kernel_stand_in(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
+  """cuDNN's function on the einsum path, in q's dtype: causal GQA attention, any value width (test_cudnn_gpu.py
+  runs the kernels themselves on a GPU)."""
+  b, t, n, d = q_BxTxNxD.shape
+  kv = k_BxSxKxD.shape[2]
+  out = attention._einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskw->btkrw',
+                                    q_BxTxNxD.reshape(b, t, kv, n // kv, d), k_BxSxKxD, v_BxSxKxW, None,
+                                    segment_ids_BxT, None, lambda probs: {})
+  return out.reshape(b, t, n, -1).astype(q_BxTxNxD.dtype)
+
+
+def _run_cudnn_form(monkeypatch, form):
+  monkeypatch.setattr(attention, '_wide_value_attention', _kernel_stand_in)
+  monkeypatch.setattr(attention, '_cudnn_attention', _kernel_stand_in)
+  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: form)
+
+
+@pytest.mark.parametrize('form', ['cudnn_wide', 'cudnn_split'])
+def test_v1_layer_in_each_cudnn_form_matches_xla(form, monkeypatch):
+  # The path around the kernel in each form (which heads meet which keys and which half of V, and where the split
+  # form's two outputs are taken apart into the maps), forward and backward, with GQA and documents.
+  cfg = tiny_config(variant='diff_v1')
+  module, x = DiffAttentionV1(cfg, 1), jnp.asarray(random_input((2, 24, cfg.d_model), seed=1))
+  segment_ids = jnp.asarray(np.repeat([[0] * 10 + [1] * 14], 2, axis=0))
+  params = random_params(module, x, seed=2)
+  probe = random_input((2, 24, cfg.d_model), seed=3)
+  loss = lambda params: jnp.sum(module.apply({'params': params}, x, segment_ids_BxT=segment_ids) * probe)
+  want, want_grads = jax.value_and_grad(loss)(params)
+  _run_cudnn_form(monkeypatch, form)
+  got, grads = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('form', ['cudnn_wide', 'cudnn_split'])
 def test_v1_backward_pass_keeps_the_maps_outputs_not_float32_copies(form, monkeypatch):
-  # A bfloat16 stand-in for cuDNN (test_cudnn_gpu.py runs the kernels on a GPU), in both of DIFF V1's forms. The
-  # head outputs (A1 V - λ A2 V, the per-head norm, the (1 - λ_init) factor) are recomputed in the backward pass,
-  # so it keeps the maps' bf16 outputs and no float32 tensor of their shape: each such copy cost a write and a read
-  # of twice their bytes (0.9% of the seed step on an H100, docs/performance.md).
-  def bf16_kernel(q_BxTxNxD, k_BxSxKxD, v_BxSxKxW, segment_ids_BxT):
-    b, t, n, d = q_BxTxNxD.shape
-    kv = k_BxSxKxD.shape[2]
-    out = attention._einsum_attention('btkrd,bskd->bkrts', 'bkrts,bskw->btkrw',
-                                      q_BxTxNxD.reshape(b, t, kv, n // kv, d), k_BxSxKxD, v_BxSxKxW, None,
-                                      segment_ids_BxT, None, lambda probs: {})
-    return out.reshape(b, t, n, -1).astype(q_BxTxNxD.dtype)
-
-  monkeypatch.setattr(attention, '_wide_value_attention', bf16_kernel)
-  monkeypatch.setattr(attention, '_cudnn_attention', bf16_kernel)
-  monkeypatch.setattr(attention, 'resolve_impl', lambda *args, **kwargs: form)
+  # A bfloat16 stand-in for cuDNN, in both of DIFF V1's forms. The head outputs (A1 V - λ A2 V, the per-head norm,
+  # the (1 - λ_init) factor) are recomputed in the backward pass, so it keeps the maps' bf16 outputs and no float32
+  # tensor of their shape: each such copy cost a write and a read of twice their bytes (0.9% of the seed step on
+  # an H100, docs/performance.md).
+  _run_cudnn_form(monkeypatch, form)
   cfg = tiny_config(variant='diff_v1', dtype='bfloat16')
   module, x = DiffAttentionV1(cfg, 1), jnp.asarray(random_input((2, 24, cfg.d_model), seed=1), jnp.bfloat16)
   params = random_params(module, x, seed=2)
