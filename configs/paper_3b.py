@@ -9,6 +9,7 @@ from diffjax.run.defaults import base_config, recipe_data
 def get_config():
   c = base_config()
   recipe_data(c)
+  # Layers unrolled, as in the scaling runs (diffjax.run.defaults.scaling_config says why).
   c.model.update(n_layers=28, d_model=3072, n_heads=24, d_ff=8192, max_len=4096, remat=True)
   c.train.update(seq_len=4096, global_batch_size=1024, microbatches=128, steps=250_000, learning_rate=3.2e-4,
                  warmup_steps=1000, weight_decay=0.1, b1=0.9, b2=0.95)

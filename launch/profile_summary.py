@@ -132,11 +132,26 @@ def print_summary(summary: dict):
     print(f'ms per step over {part["steps"]}: ' + ', '.join(f'{kind} {ms:.1f}'
                                                             for kind, ms in part['step_ms_by_kind'].items()))
     if 'step_ms_by_part' in part:
-      print('ms per step by part of the model: ' + ', '.join(f'{name} {ms:.1f}'
-                                                             for name, ms in part['step_ms_by_part'].items()))
+      print('ms per step by part of the model, the largest:')
+      for name, ms in list(part['step_ms_by_part'].items())[:16]:
+        print(f'{ms:>10.2f}  {name}')
     print(f'{"total ms":>10} {"count":>7} {"share":>7}  operation')
     for op in part['ops']:
       print(f'{op["total_ms"]:>10.2f} {op["count"]:>7} {100 * op["share"]:>6.1f}%  {op["name"][:100]}')
+
+
+def read_hlo(path: str) -> str:
+  """The text of an XLA dump: the file, or a dump folder's largest `*after_optimizations.txt` (the train step's)."""
+  if os.path.isdir(path):
+    dumps = glob.glob(os.path.join(path, '*after_optimizations.txt'))
+    if not dumps:
+      raise SystemExit(f'error: no *after_optimizations.txt in {path}; dump the step with XLA_FLAGS='
+                       '"--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*"')
+    path = max(dumps, key=os.path.getsize)
+  if not os.path.isfile(path):
+    raise SystemExit(f'error: --hlo {path}: no such file')
+  with open(path) as f:
+    return f.read()
 
 
 def main():
@@ -159,19 +174,6 @@ def main():
     print_summary(summary)
   except BrokenPipeError:  # the reader stopped early (`| head`): the table's end is not wanted
     sys.stdout = open(os.devnull, 'w')
-
-
-def read_hlo(path: str) -> str:
-  if os.path.isdir(path):
-    dumps = glob.glob(os.path.join(path, '*after_optimizations.txt'))
-    if not dumps:
-      raise SystemExit(f'error: no *after_optimizations.txt in {path}; dump the step with XLA_FLAGS='
-                       '"--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*"')
-    path = max(dumps, key=os.path.getsize)
-  if not os.path.isfile(path):
-    raise SystemExit(f'error: --hlo {path}: no such file')
-  with open(path) as f:
-    return f.read()
 
 
 if __name__ == '__main__':
