@@ -493,7 +493,18 @@ def test_pallas_is_refused_for_variants_without_a_kernel(variant, monkeypatch):
   assert attention.resolve_impl(tiny_config(attention_impl='pallas', variant='diff_v1', d_model=64)) == 'pallas'
 
 
+def test_cudnn_runs_diff_v1_wide_where_it_was_measured_faster(monkeypatch):
+  """Wide at D = 64 at every length, at D = 128 up to T = 4096 (in the 1.4B model, docs/performance.md), split
+  elsewhere and wherever cuDNN cannot take values wider than keys."""
+  forms = lambda: {(d, t): attention.cudnn_diff_v1_form(d, t) for d in (64, 128, 256) for t in (2048, 4096, 8192)}
+  monkeypatch.setattr(attention, 'cudnn_takes_wide_values', lambda: True)
+  wide = {(64, 2048), (64, 4096), (64, 8192), (128, 2048), (128, 4096)}
+  assert forms() == {shape: 'wide' if shape in wide else 'split' for shape in forms()}
+  monkeypatch.setattr(attention, 'cudnn_takes_wide_values', lambda: False)
+  assert set(forms().values()) == {'split'}
+
+
 def test_the_run_names_its_attention_path():
   assert attention.describe_impl(tiny_config(attention_impl='xla'), seq_len=64) == 'xla'
   if jax.default_backend() != 'gpu':  # no cuDNN here to take wide values: DIFF V1's cuDNN form is the split one
-    assert not attention.cudnn_takes_wide_values() and attention.cudnn_diff_v1_form(64) == 'split'
+    assert not attention.cudnn_takes_wide_values() and attention.cudnn_diff_v1_form(64, 2048) == 'split'

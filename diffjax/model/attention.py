@@ -154,7 +154,7 @@ def describe_impl(cfg: ModelConfig, seq_len: int) -> str:
   """The kernel training at `seq_len` runs, in words for the run's first lines, e.g. 'cudnn (wide values)'."""
   impl = resolve_impl(cfg, seq_len=seq_len)
   if impl == 'cudnn' and cfg.variant == 'diff_v1':
-    return f'cudnn ({cudnn_diff_v1_form(cfg.head_dim)} values)'
+    return f'cudnn ({cudnn_diff_v1_form(cfg.head_dim, seq_len)} values)'
   return impl
 
 
@@ -226,15 +226,18 @@ def cudnn_takes_wide_values() -> bool:
     return False
 
 
-def cudnn_diff_v1_form(head_dim: int) -> str:
+def cudnn_diff_v1_form(head_dim: int, seq_len: int) -> str:
   """How 'cudnn' runs DIFF V1: 'wide' (one call per map against the 2D-wide values) or 'split' (each map against
   the two D-wide halves of V, four calls' worth of work).
 
   Measured with launch/bench_attention.py on an H100 (batch 8, forward + backward, against the baseline's cuDNN):
-  at D = 64 wide takes 1.44x (T 2048) and 1.50x (T 8192) of the baseline's time and split 1.96x and 2.04x; at
-  D = 128 they are even at T 2048 (2.01x, 1.96x) and split leads at T 8192 (2.19x against 2.00x).
+  at D = 64 wide takes 1.44x (T 2048) and 1.50x (T 8192) of the baseline's time and split 1.96x and 2.04x. At
+  D = 128 the kernels alone are even at T 2048 and split leads at T 8192 (1.96x against 2.19x), but inside the
+  1.4B model wide still wins at T 2048 (617.3 against 625.3 ms a step) and ties at T 4096 (711.6 against 714.2),
+  since it writes none of the split form's concatenations (docs/performance.md).
   """
-  return 'wide' if head_dim <= 64 and cudnn_takes_wide_values() else 'split'
+  wide = head_dim <= 64 or (head_dim <= 128 and seq_len <= 4096)
+  return 'wide' if wide and cudnn_takes_wide_values() else 'split'
 
 
 def _kernel(impl: str):
@@ -300,7 +303,7 @@ def diff_v1_map_outputs(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam, impl: str, visi
     return kernels.diff_v1_flash_attention(q_BxTx2HxD, k_BxSx2GxD, v_BxSxGx2D, lam,
                                            segment_ids_BxT=segment_ids_BxT), None
   if impl == 'cudnn':
-    impl = f'cudnn_{cudnn_diff_v1_form(d)}'
+    impl = f'cudnn_{cudnn_diff_v1_form(d, t)}'
   if impl in ('cudnn_wide', 'splash', 'tokamax'):
     # One call per map, each against the whole 2D-wide V: q1 heads meet k1, q2 heads meet k2, of one kv group.
     wide = _kernel(impl)
