@@ -140,8 +140,8 @@ SCALING_RUNS = {'830m': (24, 1536, 8), '1.4b': (24, 2048, 8), '2.8b': (32, 2560,
                 '13.1b': (40, 5120, 20)}
 # The runs whose blocks keep their matmul and attention outputs for the backward pass (model.remat_policy
 # dots_attention): the 1.4B step then runs 9% faster than recomputing them and still fits one 80 GB GPU at its
-# 16-sequence microbatches (68.4 GiB; docs/performance.md, "The 1.4B step"). The larger runs would not fit one, so
-# they recompute every block.
+# 16-sequence microbatches (a peak of 70.8 GiB of the 71.3 GiB pool; docs/performance.md, "The 1.4B step"). The
+# larger runs would not fit one, so they recompute every block.
 KEEP_DOTS_AND_ATTENTION = ('830m', '1.4b')
 
 
@@ -159,7 +159,8 @@ def scaling_config(name: str) -> ml_collections.ConfigDict:
   recipe_data(c)
   # The layers stay unrolled (model.scan_layers False): a scanned loop adds copies in and out of its stacked arrays,
   # 57-62 ms of a 1.4B step on an H100; unrolled, the step runs 10% faster (DIFF V1 691 -> 625 ms, the baseline
-  # 602 -> 535) for 28 s more compilation (docs/performance.md, "The 1.4B step").
+  # 602 -> 535) for 28 s more compilation (docs/performance.md, "The 1.4B step"). On TPU slices the compiler keeps
+  # more temporaries unrolled (3B on v6e-8: 23.1 GiB a chip against 10.8), still within the chips (README).
   c.model.update(n_layers=layers, d_model=width, n_heads=2 * diff_heads, d_ff=round(width * 8 / 3 / 64) * 64,
                  max_len=2048, remat=True,
                  remat_policy='dots_attention' if name in KEEP_DOTS_AND_ATTENTION else 'nothing')
