@@ -70,6 +70,7 @@ def bench(config, variant, batches, steps, init_from=''):
   config.model.variant = variant
   cfg = defaults.model_config(config, batches.vocab_size)
   tc = config.train
+  peak_before = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0)
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(tc), optim.learning_rate_schedule(tc)
   start = time.perf_counter()
@@ -97,6 +98,7 @@ def bench(config, variant, batches, steps, init_from=''):
   seconds = (time.perf_counter() - start) / steps
   tokens_per_s = tc.global_batch_size * tc.seq_len / seconds
   stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use', 0)
   return {'variant': variant + (' (trained)' if init_from else ''), 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'data': batches.name, 'vocab_size': cfg.vocab_size,
           'params': model.count_params(state['params']), 'batch': tc.global_batch_size, 'seq_len': tc.seq_len,
@@ -106,8 +108,10 @@ def bench(config, variant, batches, steps, init_from=''):
           'tokens_per_s': tokens_per_s, 'init_s': init_s, 'compile_s': compile_s, 'first_step_s': compile_and_first,
           'mfu': model_flops_utilisation(config, cfg, tokens_per_s, jax.device_count()),
           'temp_gib': getattr(memory, 'temp_size_in_bytes', 0) / 2**30,
-          'peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'pool_gib': stats.get('bytes_limit', 0) / 2**30,
-          'final_loss': float(out['loss'])}
+          # The device's high-water mark since the process began, which no API resets: a row whose own peak was
+          # lower than an earlier row's shows that row's (`peak_set_here` False; devices without memory stats: True).
+          'peak_gib': peak / 2**30, 'pool_gib': stats.get('bytes_limit', 0) / 2**30,
+          'peak_set_here': peak > peak_before or not peak, 'final_loss': float(out['loss'])}
 
 
 def pool_warnings(rows: list[dict]) -> list[str]:
@@ -116,7 +120,7 @@ def pool_warnings(rows: list[dict]) -> list[str]:
   faster in 92% (docs/performance.md)."""
   return [f'{r["variant"]}: its peak filled the memory pool ({r["pool_gib"]:.1f} GiB), which may have slowed it; '
           'time it again with a larger XLA_CLIENT_MEM_FRACTION' for r in rows
-          if r.get('pool_gib') and r['peak_gib'] > 0.99 * r['pool_gib']]
+          if r.get('pool_gib') and r.get('peak_set_here', True) and r['peak_gib'] > 0.99 * r['pool_gib']]
 
 
 def model_flops_utilisation(config, cfg, tokens_per_s: float, devices: int) -> float | None:
@@ -239,7 +243,10 @@ def main(argv):
   for r in rows:
     mfu = f'{100 * r["mfu"]:5.1f}%' if r['mfu'] else '   n/a'
     print(f'{r["variant"]:<24} {r["params"]:>12,} {r["step_ms"]:>9.1f} {r["tokens_per_s"]:>11,.0f} {mfu:>6} '
-          f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>9.2f} {r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
+          f'{r["temp_gib"]:>9.2f} {r["peak_gib"]:>8.2f}{" *"[not r.get("peak_set_here", True)]} '
+          f'{r["init_s"]:>7.1f} {r["compile_s"]:>9.1f}')
+  if any(not r.get('peak_set_here', True) for r in rows):
+    print("* an earlier row's peak: this row's own is no higher (the device's peak cannot be reset)")
   for line in pool_warnings(rows):
     print(line)
   with open(OUT.value, 'w') as f:
