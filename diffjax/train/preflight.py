@@ -45,8 +45,8 @@ third more than counted). The `xla` path on CPUs keeps about three times the map
 The formula cannot follow every compiler's schedule: the GPU's frees the logits before it recomputes a block, the
 TPU's does not. So where the estimate lands within `COMPILE_NEAR` of an accelerator's memory, either side, the train
 step is compiled for the run's shapes (nothing runs) and XLA's own count decides. The 1.4B config as it trains (8
-microbatches of 16, `dots_attention`, cuDNN) is estimated at 74.3 GiB and compiled at 68.4 on one H100, whose pool
-holds 71.3.
+microbatches of 16, `dots_attention`, cuDNN) is estimated at 74.3 GiB and compiled at 68.4 with scanned layers on one
+H100, whose pool holds 71.3.
 
 A device's memory is what JAX may allocate on it (`bytes_limit` of the device's memory stats) on GPUs and TPUs;
 CPU devices share the host's memory with the input pipeline.
