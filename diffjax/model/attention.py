@@ -232,7 +232,7 @@ def cudnn_diff_v1_form(head_dim: int, seq_len: int) -> str:
 
   Measured with launch/bench_attention.py on an H100 (batch 8, forward + backward, against the baseline's cuDNN):
   at D = 64 wide takes 1.44x (T 2048) and 1.50x (T 8192) of the baseline's time and split 1.96x and 2.04x. At
-  D = 128 the kernels alone are even at T 2048 and split leads at T 8192 (1.96x against 2.19x), but inside the
+  D = 128 the kernels alone are even at T 2048 and split leads at T 8192 (2.00x against 2.19x), but inside the
   1.4B model wide still wins at T 2048 (617.3 against 625.3 ms a step) and ties at T 4096 (711.6 against 714.2),
   since it writes none of the split form's concatenations (docs/performance.md).
   """
